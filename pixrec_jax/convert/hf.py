@@ -1,0 +1,174 @@
+"""Hugging Face <-> pixrec_jax weights: one name table plus transforms that work both ways.
+
+`param_table(cfg)` lists every parameter of a backbone as (Hugging Face name, our
+state path, transform). Import reads the checkpoint's safetensors through it,
+export (see `pixrec_jax.convert`) writes through it in the other direction, so the
+two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixrec_jax import sharding as shd
+from pixrec_jax.convert.safetensors_io import CheckpointReader
+from pixrec_jax.models.backbone import Backbone
+from pixrec_jax.models.config import BackboneConfig, Runtime
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  name: str
+  to_ours: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+IDENTITY = Transform("identity", lambda x: x, lambda x: x)
+# torch Linear stores (out, in); we store (in, out).
+LINEAR = Transform("linear", lambda x: x.T, lambda x: x.T)
+# torch Conv2d stores (out, in, kh, kw); we store HWIO.
+CONV = Transform("conv", lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  hf_name: str
+  path: tuple[str | int, ...]
+  transform: Transform
+
+
+def _linear(hf: str, path: tuple, bias: bool) -> list[Entry]:
+  out = [Entry(f"{hf}.weight", path + ("kernel",), LINEAR)]
+  if bias:
+    out.append(Entry(f"{hf}.bias", path + ("bias",), IDENTITY))
+  return out
+
+
+def _layer_norm(hf: str, path: tuple) -> list[Entry]:
+  return [Entry(f"{hf}.weight", path + ("weight",), IDENTITY), Entry(f"{hf}.bias", path + ("bias",), IDENTITY)]
+
+
+def _vision_entries(cfg: BackboneConfig, hf: str) -> list[Entry]:
+  root = ("vision_model",)
+  emb = root + ("embeddings",)
+  out = [
+      Entry(f"{hf}.embeddings.patch_embedding.weight", emb + ("patch_embedding", "kernel"), CONV),
+      Entry(f"{hf}.embeddings.patch_embedding.bias", emb + ("patch_embedding", "bias"), IDENTITY),
+      Entry(f"{hf}.embeddings.position_embedding.weight", emb + ("position_embedding", "embedding"), IDENTITY),
+  ]
+  for i in range(cfg.vision.num_hidden_layers):
+    h, p = f"{hf}.encoder.layers.{i}", root + ("encoder", "layers", i)
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+      out += _linear(f"{h}.self_attn.{proj}", p + ("self_attn", proj), bias=True)
+    out += _linear(f"{h}.mlp.fc1", p + ("mlp", "fc1"), bias=True)
+    out += _linear(f"{h}.mlp.fc2", p + ("mlp", "fc2"), bias=True)
+    out += _layer_norm(f"{h}.layer_norm1", p + ("layer_norm1",))
+    out += _layer_norm(f"{h}.layer_norm2", p + ("layer_norm2",))
+  out += _layer_norm(f"{hf}.post_layernorm", root + ("post_layernorm",))
+  return out
+
+
+def _text_entries(cfg: BackboneConfig, hf: str) -> list[Entry]:
+  t = cfg.text
+  root = ("text_model",)
+  out = [Entry(f"{hf}.embed_tokens.weight", root + ("embed_tokens", "embedding"), IDENTITY)]
+  for i in range(t.num_hidden_layers):
+    h, p = f"{hf}.layers.{i}", root + ("layers", i)
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+      out += _linear(f"{h}.self_attn.{proj}", p + ("self_attn", proj), bias=t.attention_bias)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+      out += _linear(f"{h}.mlp.{proj}", p + ("mlp", proj), bias=t.mlp_bias)
+    out.append(Entry(f"{h}.input_layernorm.weight", p + ("input_layernorm", "weight"), IDENTITY))
+    out.append(Entry(f"{h}.post_attention_layernorm.weight", p + ("post_attention_layernorm", "weight"), IDENTITY))
+  out.append(Entry(f"{hf}.norm.weight", root + ("norm", "weight"), IDENTITY))
+  return out
+
+
+def param_table(cfg: BackboneConfig) -> list[Entry]:
+  """Every parameter of the backbone for `cfg`, with its Hugging Face name."""
+  if cfg.is_vlm:
+    out = _vision_entries(cfg, "model.vision_model")
+    out.append(Entry("model.connector.modality_projection.proj.weight",
+                     ("connector", "modality_projection", "proj", "kernel"), LINEAR))
+    out += _text_entries(cfg, "model.text_model")
+  else:
+    out = _text_entries(cfg, "model")
+  if not cfg.text.tie_word_embeddings:
+    out.append(Entry("lm_head.weight", ("lm_head", "kernel"), LINEAR))
+  return out
+
+
+# Buffers Hugging Face may save that are recomputed here, not parameters.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def abstract_backbone(cfg: BackboneConfig, rt: Runtime):
+  """(graphdef, abstract state) without allocating any parameter."""
+  abstract = nnx.eval_shape(lambda: Backbone(cfg, rt, rngs=nnx.Rngs(0)))
+  return nnx.split(abstract)
+
+
+def _leaf(state, path: tuple):
+  node = state
+  for key in path:
+    node = node[key]
+  return node
+
+
+def load_state(reader: CheckpointReader, cfg: BackboneConfig, rt: Runtime, abstract_state,
+               shardings=None) -> nnx.State:
+  """Fills an abstract backbone state from checkpoint tensors, checking names and shapes."""
+  table = param_table(cfg)
+  expected = {e.hf_name for e in table}
+  present = set(reader.keys())
+  missing = sorted(expected - present)
+  if missing:
+    raise ValueError(f"{reader.directory}: checkpoint lacks {len(missing)} parameters the config needs, "
+                     f"e.g. {missing[:5]}")
+  tied_head = cfg.text.tie_word_embeddings and "lm_head.weight" in present
+  unexpected = sorted(n for n in present - expected
+                      if not n.endswith(_IGNORED_SUFFIXES) and not (tied_head and n == "lm_head.weight"))
+  if unexpected:
+    raise ValueError(f"{reader.directory}: checkpoint has {len(unexpected)} tensors this architecture does not use, "
+                     f"e.g. {unexpected[:5]}")
+  dtype = rt.params_dtype
+  for entry in table:
+    var = _leaf(abstract_state, entry.path)
+    value = entry.transform.to_ours(reader.get(entry.hf_name))
+    if tuple(value.shape) != tuple(var.shape):
+      raise ValueError(f"{reader.directory}: {entry.hf_name} has shape {tuple(value.shape)} after the "
+                       f"{entry.transform.name} transform, expected {tuple(var.shape)} for {'/'.join(map(str, entry.path))}")
+    value = np.asarray(value).astype(dtype)
+    if shardings is not None:
+      var.set_value(jax.device_put(value, _leaf(shardings, entry.path)[...]))
+    else:
+      var.set_value(jnp.asarray(value))
+  return abstract_state
+
+
+def from_pretrained(path: str | pathlib.Path, runtime: Runtime = Runtime(), mesh=None) -> Backbone:
+  """Loads a local Hugging Face checkpoint directory (config.json + safetensors) into a Backbone.
+
+  With a mesh, each parameter goes straight to its sharding (no full host copy on
+  device 0). torch is not needed.
+  """
+  path = pathlib.Path(path)
+  cfg = BackboneConfig.from_pretrained(path)
+  graphdef, state = abstract_backbone(cfg, runtime)
+  shardings = shd.state_shardings(state, mesh) if mesh is not None else None
+  state = load_state(CheckpointReader(path), cfg, runtime, state, shardings)
+  return nnx.merge(graphdef, state)
+
+
+def to_hf_tensors(model: Backbone) -> dict[str, np.ndarray]:
+  """The backbone's parameters under their Hugging Face names and layouts (float32 numpy)."""
+  state = nnx.state(model, nnx.Param)
+  return {e.hf_name: np.asarray(e.transform.to_hf(np.asarray(_leaf(state, e.path)[...], dtype=np.float32)))
+          for e in param_table(model.cfg)}

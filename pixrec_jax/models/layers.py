@@ -1,0 +1,158 @@
+"""Building blocks shared by every backbone.
+
+Every parameter carries `logical_axes` metadata (names such as "embed", "mlp",
+"heads"); `pixrec_jax.sharding` maps them to mesh axes through one rules table.
+Parameters are stored in `param_dtype` and cast to the compute `dtype` at use;
+norms, softmax and logits run in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  try:
+    return _ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}") from None
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
+  if len(axes) != len(shape):
+    raise ValueError(f"logical axes {axes} do not match parameter shape {tuple(shape)}")
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias); kernel stored (in, out)."""
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      *,
+      axes: tuple[str | None, str | None],
+      use_bias: bool = False,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      init_std: float = 0.02,
+      rngs: nnx.Rngs,
+  ):
+    self.dtype = dtype
+    self.kernel = param(rngs, nnx.initializers.normal(init_std), (in_features, out_features), param_dtype, axes)
+    self.bias = param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, (axes[1],)) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  """Token embedding table; `attend` reuses it as a tied output head."""
+
+  def __init__(self, num_embeddings: int, features: int, *, axes: Axes = ("vocab", "embed"), dtype=jnp.float32,
+               param_dtype=jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.embedding = param(rngs, nnx.initializers.normal(init_std), (num_embeddings, features), param_dtype, axes)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """Logits against the table, accumulated in float32."""
+    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+  """Llama RMSNorm: normalise in float32, cast back, then scale (the order HF uses)."""
+
+  def __init__(self, features: int, eps: float, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.eps = eps
+    self.weight = param(rngs, nnx.initializers.ones, (features,), param_dtype, ("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(dtype) * x32.astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32, returned in the input dtype."""
+
+  def __init__(self, features: int, eps: float, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.eps = eps
+    self.weight = param(rngs, nnx.initializers.ones, (features,), param_dtype, ("norm",))
+    self.bias = param(rngs, nnx.initializers.zeros, (features,), param_dtype, ("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
+              implementation: str = "xla") -> jax.Array:
+  """Grouped-query attention.
+
+  q: (B, T, N, H); k, v: (B, S, K, H) with N a multiple of K; mask: boolean,
+  broadcastable to (B, 1, T, S), True where a query may attend. Logits and
+  softmax are float32. A query row with no allowed key (padding) returns an
+  average of the values instead of NaN; callers never read those rows.
+
+  implementation "xla" is this einsum form; "cudnn" hands the same computation
+  to `jax.nn.dot_product_attention` (fused kernels on GPU, half precision only).
+  """
+  if implementation == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+  if implementation != "xla":
+    raise ValueError(f"attention implementation must be 'xla' or 'cudnn', got {implementation!r}")
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  groups = n // kv_heads
+  q = q.reshape(b, t, kv_heads, groups, h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (b, 1, t, mask.shape[-1]))[:, :, None]  # (B, 1, 1, T, S)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+  return out.reshape(b, t, n, h)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
+  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding in the half-split layout Llama checkpoints use. x: (B, T, N, H)."""
+  freqs = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, H/2)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  cos = jnp.cos(emb)[:, :, None, :].astype(x.dtype)
+  sin = jnp.sin(emb)[:, :, None, :].astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
