@@ -49,7 +49,7 @@ def test_counts_and_format(dataset):
   counts = loaded.manifest["counts"]
   single = _SMALL.num_groups - counts["multi_variant_groups"]
   assert single == round(_SMALL.single_variant_fraction * _SMALL.num_groups)
-  assert counts["items"] == 4 * counts["multi_variant_groups"] + single == loaded.num_items
+  assert counts["items"] == len(synthetic.PALETTE) * counts["multi_variant_groups"] + single == loaded.num_items
   assert counts["users"] == len(loaded.users) == _SMALL.num_users
   assert counts["interactions"] == sum(len(u.items) for u in loaded.users)
   assert loaded.manifest["name"] == "synthetic"

@@ -7,7 +7,7 @@ baseline and the multimodal model can be told apart in minutes on one machine:
 - Product lines ("groups") have unique titles ("Cozy Ceramic Mug"), a category, a
   brand and a price, and a picture style: a shape and a pattern.
 - Most groups (1 - single_variant_fraction) come in one variant per palette colour
-  (red, green, blue, yellow). The variants' texts are identical; only the picture,
+  (red, green, blue, yellow, purple, cyan). The variants' texts are identical; only the picture,
   the group's shape filled in the variant's colour, tells them apart. No colour
   name appears in any text. Single-variant groups have one item in a seeded colour.
 - Each user has a preferred colour. A history starts at a uniform group and moves
@@ -61,6 +61,8 @@ PALETTE = (
     ("green", (40, 170, 60)),
     ("blue", (40, 80, 220)),
     ("yellow", (235, 200, 40)),
+    ("purple", (140, 50, 190)),
+    ("cyan", (40, 200, 210)),
 )
 _BACKGROUND = (245, 245, 245)
 

@@ -1,0 +1,83 @@
+"""The embedded default: PixRec on the synthetic catalogue, trained from scratch.
+
+Runs with no download: the data, its images and its tokenizer are generated
+locally (pixrec_jax.data.synthetic), the backbone is a small randomly initialised
+SmolVLM-family model. Options (comma separated after the colon):
+  text_only  the text-only baseline: same backbone and data, no images anywhere
+  paper      the PixRec reference code's loss weights and optimiser (see presets)
+
+  python -m pixrec_jax.main --config configs/demo.py --workdir /tmp/demo
+  python -m pixrec_jax.main --config configs/demo.py:text_only --workdir /tmp/demo_text
+"""
+
+import dataclasses
+
+import ml_collections
+
+from pixrec_jax.data import prompts
+from pixrec_jax.data.synthetic import SyntheticOptions
+from pixrec_jax.recsys import presets
+
+OPTIONS = ("text_only", "paper")
+
+
+def get_config(arg=None):
+  options = [a for a in (arg or "").split(",") if a]
+  unknown = sorted(set(options) - set(OPTIONS))
+  if unknown:
+    raise ValueError(f"unknown option(s) {unknown} for configs/demo.py; valid: {OPTIONS}")
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = ""  # a local Hugging Face checkpoint directory; empty: random init from the sizes below
+  c.model.scale_factor = 2
+  c.model.vision = ml_collections.ConfigDict(dict(
+      hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      image_size=32, patch_size=8, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh"))
+  c.model.text = ml_collections.ConfigDict(dict(
+      hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=1024, tie_word_embeddings=True))
+  c.model.dtype = "float32"
+  c.model.param_dtype = "float32"
+  c.model.attention = "xla"
+
+  c.pixrec = ml_collections.ConfigDict()
+  c.pixrec.text_only = "text_only" in options
+  c.pixrec.proj_dim = 128
+  c.pixrec.pooling = "mean"
+  c.pixrec.alpha = 0.25  # item-item contrastive weight
+  c.pixrec.beta = 0.5  # user-item contrastive weight
+  c.pixrec.temperature = 0.1
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"  # or "dataset": a processed dataset folder at data.path
+  c.data.path = ""  # synthetic: where to generate (default WORKDIR/data)
+  c.data.synthetic = ml_collections.ConfigDict(dataclasses.asdict(SyntheticOptions()))
+  c.data.template = prompts.ITEM_TEMPLATE
+  c.data.max_history = 5
+  c.data.max_item_tokens = 0  # 0: the longest item text of the catalogue
+  c.data.num_workers = 0  # grain worker processes (0: in the main process)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 600
+  c.train.epochs = 0  # > 0: steps = epochs * training users / batch_size instead
+  c.train.batch_size = 32  # global
+  c.train.lr = 2e-3
+  c.train.warmup_steps = 50
+  c.train.weight_decay = 0.01
+  c.train.clip_norm = 1.0
+  c.train.trainable = "all"  # all | heads_lm_head | frozen_vision
+  c.train.log_every = 50
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 128
+  c.eval.mask_history = True
+  c.eval.splits = ("valid", "test")
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  if "paper" in options:
+    presets.apply(c, presets.PAPER)
+  return c

@@ -1,0 +1,141 @@
+"""Config files and command-line overrides, big_vision style.
+
+A config file is a Python module with `get_config(arg: str | None) -> ConfigDict`;
+`--config path.py:arg` passes `arg` (comma-separated options, e.g. `text_only`).
+`--config.train.steps=200` overrides one leaf, parsed to the type the leaf already
+has. A key that does not exist fails and lists the keys that do.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+import sys
+from typing import Any, Sequence
+
+import ml_collections
+
+USAGE = ("usage: python -m pixrec_jax.main --config CONFIG.py[:ARGS] [--workdir DIR] [--config.KEY=VALUE ...]")
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"_pixrec_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path}: defines no get_config(arg)")
+  cfg = module.get_config(arg or None)
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict, got {type(cfg).__name__}")
+  cfg.lock()
+  return cfg
+
+
+def leaf_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for key in sorted(cfg.keys()):
+    value = cfg[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      out += leaf_keys(value, f"{prefix}{key}.")
+    else:
+      out.append(f"{prefix}{key}")
+  return out
+
+
+def _parse_value(raw: str, current: Any, key: str) -> Any:
+  if isinstance(current, bool):
+    lowered = raw.strip().lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"--config.{key}: expected true or false, got {raw!r}")
+  if isinstance(current, int):
+    try:
+      return int(raw)
+    except ValueError:
+      raise ConfigError(f"--config.{key}: expected an integer, got {raw!r}") from None
+  if isinstance(current, float):
+    try:
+      return float(raw)
+    except ValueError:
+      raise ConfigError(f"--config.{key}: expected a number, got {raw!r}") from None
+  if isinstance(current, str):
+    return raw
+  if isinstance(current, (tuple, list)):
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = tuple(v.strip() for v in raw.split(",") if v.strip())
+    if not isinstance(value, (tuple, list)):
+      value = (value,)
+    return type(current)(value)
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw
+
+
+def override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
+  """Sets the leaf at dotted `key` from its string form, or fails naming the valid keys."""
+  node = cfg
+  parts = key.split(".")
+  for depth, part in enumerate(parts):
+    where = ".".join(parts[:depth]) or "the top level"
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      valid = leaf_keys(node) if isinstance(node, ml_collections.ConfigDict) else []
+      raise ConfigError(f"unknown config key {key!r}: {part!r} does not exist at {where}. "
+                        f"Valid keys there: {', '.join(valid)}")
+    if depth == len(parts) - 1:
+      current = node[part]
+      if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"--config.{key} names a group, not a value; its keys: {', '.join(leaf_keys(current))}")
+      with node.unlocked():
+        node[part] = _parse_value(raw, current, key)
+    else:
+      node = node[part]
+
+
+def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, pathlib.Path | None]:
+  """(config with overrides applied, workdir or None) from command-line arguments."""
+  spec, workdir, overrides = None, None, []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    name, eq, value = arg.partition("=")
+    takes_next = not eq and i + 1 < len(args)
+    if name == "--config":
+      spec = value if eq else (args[i + 1] if takes_next else None)
+      i += 1 if eq else 2
+    elif name == "--workdir":
+      workdir = value if eq else (args[i + 1] if takes_next else None)
+      i += 1 if eq else 2
+    elif name.startswith("--config."):
+      if not eq:
+        if not takes_next:
+          raise ConfigError(f"{name} needs a value: {name}=VALUE")
+        value = args[i + 1]
+        i += 1
+      overrides.append((name[len("--config."):], value))
+      i += 1
+    elif name in ("-h", "--help"):
+      print(USAGE)
+      sys.exit(0)
+    else:
+      raise ConfigError(f"unrecognised argument {arg!r}\n{USAGE}")
+  if not spec:
+    raise ConfigError(f"--config is required\n{USAGE}")
+  cfg = load_config_file(spec)
+  for key, value in overrides:
+    override(cfg, key, value)
+  return cfg, pathlib.Path(workdir) if workdir else None

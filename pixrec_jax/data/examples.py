@@ -1,0 +1,230 @@
+"""Turns histories into fixed-shape model inputs: PixRec prompts, tokenised.
+
+A prompt is a sequence of text runs and image blocks. Each text run is tokenised
+as one string, so its ids equal what the Hugging Face processor gives for the
+same text (the image tokens, being special tokens, split runs apart there too).
+An image block is the Idefics3 layout without tiling:
+`<fake_token_around_image><global-img>` + `<image>` x image_seq_len + `<fake_token_around_image>`.
+
+The user segment (history + separator) and the target segment (target text +
+image) are tokenised separately, so the user segment a model sees in training is
+token for token the one it sees at evaluation, where the target is unknown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+from pixrec_jax.data import prompts
+from pixrec_jax.data.images import ImageStore
+
+IMAGE_TOKEN = "<image>"
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
+GLOBAL_IMAGE_TOKEN = "<global-img>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Static shapes of every batch (jit compiles once)."""
+
+  max_history: int
+  max_item_tokens: int  # text tokens kept per item
+  seq_len: int  # full prompt: user + target segment
+  item_len: int  # an item read alone
+  image_seq_len: int  # tokens per image; 0 for text-only
+  image_size: int
+
+  @property
+  def text_only(self) -> bool:
+    return self.image_seq_len == 0
+
+  @property
+  def image_block_len(self) -> int:
+    return 0 if self.text_only else self.image_seq_len + 3
+
+
+def _round_up(n: int, multiple: int = 8) -> int:
+  return int(math.ceil(n / multiple) * multiple)
+
+
+class PromptBuilder:
+  """Builds training windows, user prompts and item prompts as numpy dicts."""
+
+  def __init__(self, tokenizer, item_texts: Sequence[str], images: ImageStore | None, layout: Layout):
+    if layout.text_only != (images is None):
+      raise ValueError("an image store is needed exactly when the layout has image tokens")
+    self.tokenizer = tokenizer
+    self.item_texts = list(item_texts)
+    self.images = images
+    self.layout = layout
+    self.pad_id = _pad_id(tokenizer)
+    # What the tokenizer adds in front of a sequence by itself (a BOS token, or nothing).
+    self.prefix = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    if not layout.text_only:
+      fake, glob, image = (_special_id(tokenizer, t) for t in (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN))
+      self.image_token_id = image
+      self.image_block = [fake, glob] + [image] * layout.image_seq_len + [fake]
+
+  # -- sizing ------------------------------------------------------------------
+
+  @staticmethod
+  def plan(tokenizer, item_texts: Sequence[str], *, max_history: int, image_seq_len: int, image_size: int,
+           max_item_tokens: int = 0, sample: int = 20000, seed: int = 0) -> Layout:
+    """A Layout large enough for max_history items; max_item_tokens=0 measures the catalogue
+    (up to `sample` items) and keeps its longest text whole."""
+    if max_item_tokens <= 0:
+      idx = np.arange(len(item_texts))
+      if len(idx) > sample:
+        idx = np.random.default_rng(seed).choice(idx, sample, replace=False)
+      lengths = [len(tokenizer(item_texts[i], add_special_tokens=False)["input_ids"]) for i in idx]
+      max_item_tokens = max(lengths) if lengths else 1
+    phrase = {p: len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts.PROMPT_PHRASES}
+    prefix = len(tokenizer("", add_special_tokens=True)["input_ids"])
+    block = image_seq_len + 3 if image_seq_len else 0
+    per_item = max_item_tokens + block + 2  # +2: a run may split one more token at its joins
+    user = prefix + phrase[prompts.HISTORY_INTRO] + (max_history - 1) * phrase[prompts.HISTORY_NEXT] \
+        + phrase[prompts.TARGET_SEPARATOR] + max_history * per_item
+    return Layout(max_history=max_history, max_item_tokens=max_item_tokens, seq_len=_round_up(user + per_item),
+                  item_len=_round_up(prefix + per_item), image_seq_len=image_seq_len, image_size=image_size)
+
+  # -- tokenisation ----------------------------------------------------------------
+
+  def _run(self, parts: Sequence[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """Tokenises the concatenated parts as one string; tokens of each item part (flag True)
+    beyond max_item_tokens are dropped. Returns ids and, per id, whether it is item text."""
+    text = "".join(p for p, _ in parts)
+    enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    bounds, start = [], 0
+    for p, is_item in parts:
+      bounds.append((start, start + len(p), is_item))
+      start += len(p)
+    ids, flags, kept = [], [], [0] * len(parts)
+    part = 0
+    for tok, (begin, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+      while part < len(bounds) - 1 and begin >= bounds[part][1]:
+        part += 1
+      is_item = bounds[part][2]
+      if is_item:
+        if kept[part] >= self.layout.max_item_tokens:
+          continue
+        kept[part] += 1
+      ids.append(tok)
+      flags.append(is_item)
+    return ids, flags
+
+  def _has_image(self, item: int) -> bool:
+    return not self.layout.text_only and self.images.has_image(item)
+
+  def user_segment(self, history: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Token ids of the user segment and the items whose images it shows, in order."""
+    ids, shown = list(self.prefix), []
+    parts: list[tuple[str, bool]] = []
+    for k, item in enumerate(history):
+      parts += [(prompts.HISTORY_INTRO if k == 0 else prompts.HISTORY_NEXT, False), (self.item_texts[item], True)]
+      if self._has_image(item):
+        ids += self._run(parts)[0] + self.image_block
+        shown.append(item)
+        parts = []
+    parts.append((prompts.TARGET_SEPARATOR, False))
+    ids += self._run(parts)[0]
+    return ids, shown
+
+  def target_segment(self, item: int) -> tuple[list[int], list[bool]]:
+    """Token ids of the target segment and, per id, whether it is target text."""
+    ids, is_text = self._run([(self.item_texts[item], True)])
+    if self._has_image(item):
+      ids, is_text = ids + self.image_block, is_text + [False] * len(self.image_block)
+    return ids, is_text
+
+  # -- examples ----------------------------------------------------------------
+
+  def _pad(self, ids: list[int], length: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if len(ids) > length:
+      raise ValueError(f"{what} has {len(ids)} tokens, more than its static length {length}; "
+                       f"raise data.max_seq_len or lower data.max_item_tokens")
+    out = np.full((length,), self.pad_id, np.int32)
+    out[:len(ids)] = ids
+    mask = np.zeros((length,), np.int32)
+    mask[:len(ids)] = 1
+    return out, mask
+
+  def _images(self, items: Sequence[int], slots: int) -> tuple[np.ndarray, np.ndarray]:
+    size = self.layout.image_size
+    pixels = np.zeros((slots, 3, size, size), np.float32)
+    valid = np.zeros((slots,), bool)
+    for i, item in enumerate(items):
+      pixels[i] = self.images.get(item)
+      valid[i] = True
+    return pixels, valid
+
+  def item_example(self, item: int) -> dict[str, np.ndarray]:
+    """An item read alone: prefix + its text + its image."""
+    ids, _ = self.target_segment(item)
+    out = {}
+    out["item_ids"], out["item_mask"] = self._pad(self.prefix + ids, self.layout.item_len, f"item {item}")
+    if not self.layout.text_only:
+      out["item_images"], out["item_image_valid"] = self._images([item] if self._has_image(item) else [], 1)
+    return out
+
+  def user_example(self, history: Sequence[int]) -> dict[str, np.ndarray]:
+    """The user segment alone (evaluation: the target is unknown)."""
+    history = list(history)[-self.layout.max_history:]
+    ids, shown = self.user_segment(history)
+    out = {}
+    out["user_ids"], out["user_mask"] = self._pad(ids, self.layout.seq_len, "user prompt")
+    if not self.layout.text_only:
+      out["user_images"], out["user_image_valid"] = self._images(shown, self.layout.max_history)
+    return out
+
+  def train_example(self, history: Sequence[int], target: int) -> dict[str, np.ndarray]:
+    history = list(history)[-self.layout.max_history:]
+    target_ids, target_is_text = self.target_segment(target)
+    dropped = 0
+    user_ids, shown = self.user_segment(history)
+    while len(user_ids) + len(target_ids) > self.layout.seq_len and len(history) > 1:
+      history, dropped = history[1:], dropped + 1
+      user_ids, shown = self.user_segment(history)
+    n_user = len(user_ids)
+    full, full_mask = self._pad(user_ids + target_ids, self.layout.seq_len, f"prompt for target item {target}")
+    user_mask = np.zeros_like(full_mask)
+    user_mask[:n_user] = 1
+    target_mask = full_mask - user_mask
+    k = self.layout.max_item_tokens
+    text_pos = [n_user + i for i, t in enumerate(target_is_text) if t]
+    nig_positions = np.zeros((k,), np.int32)
+    nig_labels = np.zeros((k,), np.int32)
+    nig_weights = np.zeros((k,), np.float32)
+    nig_positions[:len(text_pos)] = np.asarray(text_pos, np.int32) - 1  # the position that predicts it
+    nig_labels[:len(text_pos)] = full[text_pos]
+    nig_weights[:len(text_pos)] = 1.0
+    item_ids, item_mask = self._pad(self.prefix + target_ids, self.layout.item_len, f"item {target}")
+    out = {
+        "full_ids": full, "full_mask": full_mask, "user_mask": user_mask, "target_mask": target_mask,
+        "nig_positions": nig_positions, "nig_labels": nig_labels, "nig_weights": nig_weights,
+        "item_ids": item_ids, "item_mask": item_mask,
+        "target_item": np.int32(target), "dropped_history": np.int32(dropped),
+    }
+    if not self.layout.text_only:
+      slots = self.layout.max_history + 1
+      items = shown + ([target] if self._has_image(target) else [])
+      out["images"], out["image_valid"] = self._images(items, slots)
+      out["target_slot"] = np.int32(len(shown))
+    return out
+
+
+def _special_id(tokenizer, token: str) -> int:
+  tid = tokenizer.convert_tokens_to_ids(token)
+  if tid is None or tid == tokenizer.unk_token_id:
+    raise ValueError(f"the tokenizer has no {token!r} token, which the image prompt layout needs")
+  return int(tid)
+
+
+def _pad_id(tokenizer) -> int:
+  for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+    if tid is not None:
+      return int(tid)
+  return 0

@@ -1,0 +1,127 @@
+"""grain input pipelines.
+
+Training: users -> shuffle(seed) -> repeat -> per-host shard -> a random window
+of each user's training sequence (PixRec: history length L uniform in 1..max,
+bounded by what the user has, start uniform, the next item is the target) ->
+tokenise and load images -> batch -> prefetch (worker processes when asked).
+Training sequences end before the validation target (see catalog.leave_one_out),
+so no window can reach a validation or test target.
+
+Evaluation: fixed lists (users' held-out cases, the whole catalogue) in order,
+padded to full batches with a validity mask so that nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from pixrec_jax.data.examples import PromptBuilder
+
+
+# Per-example fields for accounting and audits; they never reach the model.
+BOOKKEEPING_KEYS = ("user_index", "history_items", "dropped_history")
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+  user_index: int
+  history: np.ndarray
+  target: int
+
+
+def sample_window(user_index: int, sequence: np.ndarray, max_history: int, rng: np.random.Generator) -> Window:
+  """PixRec's training window: L ~ U{1..min(max_history, n-1)}, start ~ U{0..n-1-L}."""
+  n = len(sequence)
+  if n < 2:
+    raise ValueError(f"user {user_index}: a training sequence needs at least 2 items, got {n}")
+  length = int(rng.integers(1, min(max_history, n - 1) + 1))
+  start = int(rng.integers(0, n - length))
+  return Window(user_index, history=np.asarray(sequence[start:start + length]), target=int(sequence[start + length]))
+
+
+class _SampleWindow(grain.transforms.RandomMap):
+
+  def __init__(self, max_history: int):
+    self.max_history = max_history
+
+  def random_map(self, element, rng: np.random.Generator) -> Window:
+    user_index, sequence = element
+    return sample_window(user_index, sequence, self.max_history, rng)
+
+
+class _BuildTrainExample(grain.transforms.Map):
+
+  def __init__(self, builder: PromptBuilder):
+    self.builder = builder
+
+  def map(self, window: Window) -> dict[str, np.ndarray]:
+    out = self.builder.train_example(window.history, window.target)
+    history = np.full((self.builder.layout.max_history,), -1, np.int32)
+    history[:len(window.history)] = window.history[-self.builder.layout.max_history:]
+    out["user_index"] = np.int32(window.user_index)
+    out["history_items"] = history
+    return out
+
+
+def split_bookkeeping(batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
+  """(model inputs, bookkeeping fields) of a training batch."""
+  inputs = {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
+  return inputs, {k: batch[k] for k in BOOKKEEPING_KEYS if k in batch}
+
+
+def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, *, batch_size: int, seed: int,
+                  shard_index: int = 0, shard_count: int = 1, num_workers: int = 0,
+                  prefetch_buffer: int = 4) -> grain.IterDataset:
+  """An infinite iterator of training batches for this host (batch_size is per host).
+
+  `train` holds (user index, training sequence) pairs, as `catalog.leave_one_out` gives them.
+  """
+  if not train:
+    raise ValueError("no user has a training sequence of at least 2 items")
+  ds = grain.MapDataset.source(list(train)).seed(seed).shuffle().repeat()
+  ds = ds[shard_index::shard_count]
+  ds = ds.random_map(_SampleWindow(builder.layout.max_history))
+  ds = ds.map(_BuildTrainExample(builder))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if num_workers else 1, prefetch_buffer_size=prefetch_buffer))
+  if num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch_buffer))
+  return it
+
+
+class _BuildEvalExample(grain.transforms.MapWithIndex):
+
+  def __init__(self, make, num_real: int):
+    self.make = make
+    self.num_real = num_real
+
+  def map_with_index(self, index: int, key) -> dict[str, np.ndarray]:
+    return {**self.make(key), "valid": np.bool_(index < self.num_real)}
+
+
+def _eval_dataset(keys: Sequence[Any], make, batch_size: int, num_workers: int) -> grain.IterDataset:
+  """Batches of make(key) in order. The last batch is filled up by repeating the first
+  key and marked with `valid`, so shapes stay static and nothing is dropped."""
+  if not len(keys):
+    raise ValueError("nothing to evaluate: the list of cases is empty")
+  keys = list(keys)
+  padded = keys + [keys[0]] * (-len(keys) % batch_size)
+  ds = grain.MapDataset.source(padded).map_with_index(_BuildEvalExample(make, len(keys))).batch(batch_size)
+  it = ds.to_iter_dataset()
+  if num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return it
+
+
+def catalog_dataset(builder: PromptBuilder, num_items: int, batch_size: int, num_workers: int = 0):
+  """Every catalogue item read alone, in item-id order."""
+  return _eval_dataset(range(num_items), builder.item_example, batch_size, num_workers)
+
+
+def user_dataset(builder: PromptBuilder, histories: Sequence[np.ndarray], batch_size: int, num_workers: int = 0):
+  """History-only prompts, one per evaluation case, in order."""
+  return _eval_dataset(histories, builder.user_example, batch_size, num_workers)

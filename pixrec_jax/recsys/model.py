@@ -1,0 +1,122 @@
+"""PixRec: two towers on one shared backbone.
+
+Full pass: the backbone reads user segment + target segment; pooling over the
+user segment gives v_U, over the target segment v_T|U. Item pass: the backbone
+reads the target item alone; pooling gives v_T. Two linear heads map into the
+shared retrieval space: user_proj(v_U), item_proj(v_T|U), item_proj(v_T).
+
+Batch layout (numpy/jax arrays, static shapes; B examples, M image slots):
+  full_ids, full_mask      (B, S)  user + target segment tokens, right padded
+  user_mask, target_mask   (B, S)  which real tokens belong to each segment
+  nig_positions            (B, K)  positions whose next token is a target text token
+  nig_labels, nig_weights  (B, K)  those next tokens; 0 weight for padding slots
+  item_ids, item_mask      (B, S_item) the target item alone
+  images                   (B, M, C, H, W) history images then the target image
+  image_valid              (B, M)  which slots hold an image
+  target_slot              (B,)    the slot of the target image
+  target_item              (B,)    the target's item id (for false negatives)
+Text-only batches have no images, image_valid or target_slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pixrec_jax.models import layers
+from pixrec_jax.models.backbone import Backbone
+
+POOLINGS = ("mean", "last")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsConfig:
+  proj_dim: int = 128
+  pooling: str = "mean"
+  text_only: bool = False
+
+  def validate(self):
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+    if self.proj_dim <= 0:
+      raise ValueError(f"proj_dim must be positive, got {self.proj_dim}")
+
+
+def pool(hidden: jax.Array, mask: jax.Array, how: str) -> jax.Array:
+  """Mean over the real tokens of `mask`, or the hidden state of its last real token (float32)."""
+  mask = mask.astype(bool)
+  hidden = hidden.astype(jnp.float32)
+  if how == "mean":
+    w = mask.astype(jnp.float32)[..., None]
+    return (hidden * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
+  last = hidden.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+  return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
+class PixRec(nnx.Module):
+
+  def __init__(self, backbone: Backbone, heads: HeadsConfig, *, rngs: nnx.Rngs):
+    heads.validate()
+    if not heads.text_only and not backbone.cfg.is_vlm:
+      raise ValueError(f"backbone {backbone.cfg.model_type!r} is text-only: set text_only=True to use it")
+    self.heads = heads
+    self.backbone = backbone
+    d = backbone.cfg.text.hidden_size
+    rt = backbone.runtime
+    kw = dict(use_bias=True, dtype=jnp.float32, param_dtype=rt.params_dtype, rngs=rngs)
+    self.user_proj = layers.Linear(d, heads.proj_dim, axes=("embed", None), **kw)
+    self.item_proj = layers.Linear(d, heads.proj_dim, axes=("embed", None), **kw)
+
+  # -- pieces ----------------------------------------------------------------
+
+  def encode_images(self, images: jax.Array) -> jax.Array:
+    """(B, M, C, H, W) -> (B, M, T, D): every image slot's language-model tokens, computed once."""
+    b, m = images.shape[:2]
+    feats = self.backbone.image_features(images.reshape((b * m,) + images.shape[2:]))
+    return feats.reshape((b, m) + feats.shape[1:])
+
+  def _hidden(self, ids, mask, feats, valid):
+    if feats is None:
+      embeds = self.backbone.embed(ids)
+    else:
+      n = feats.shape[0] * feats.shape[1]
+      embeds = self.backbone.embed(ids, feats.reshape((n,) + feats.shape[2:]), valid.reshape(n))
+    return self.backbone.hidden_states(embeds, mask)
+
+  def user_embedding(self, ids, mask, user_mask, images=None, image_valid=None) -> jax.Array:
+    """user_proj(v_U) for a history-only prompt (the user segment alone)."""
+    feats = None if self.heads.text_only else self.encode_images(images)
+    hidden = self._hidden(ids, mask, feats, image_valid)
+    return self.user_proj(pool(hidden, user_mask, self.heads.pooling))
+
+  def item_embedding(self, ids, mask, images=None, image_valid=None, feats=None) -> jax.Array:
+    """item_proj(v_T) for items read alone. images (B, 1, C, H, W) or precomputed feats (B, 1, T, D)."""
+    if not self.heads.text_only and feats is None:
+      feats = self.encode_images(images)
+    hidden = self._hidden(ids, mask, None if self.heads.text_only else feats, image_valid)
+    return self.item_proj(pool(hidden, mask, self.heads.pooling))
+
+  # -- training ----------------------------------------------------------------
+
+  def train_outputs(self, batch: dict) -> dict:
+    feats = None if self.heads.text_only else self.encode_images(batch["images"])
+    hidden = self._hidden(batch["full_ids"], batch["full_mask"], feats, batch.get("image_valid"))
+    at = jnp.take_along_axis(hidden, batch["nig_positions"][..., None], axis=1)
+    nig_logits = self.backbone.logits(at)
+    v_u = pool(hidden, batch["user_mask"], self.heads.pooling)
+    v_tu = pool(hidden, batch["target_mask"], self.heads.pooling)
+    target_feats = target_valid = None
+    if feats is not None:
+      slot = batch["target_slot"]
+      target_feats = jnp.take_along_axis(feats, slot[:, None, None, None], axis=1)
+      target_valid = jnp.take_along_axis(batch["image_valid"], slot[:, None], axis=1)
+    item = self.item_embedding(batch["item_ids"], batch["item_mask"], image_valid=target_valid, feats=target_feats)
+    return {
+        "nig_logits": nig_logits,
+        "user": self.user_proj(v_u),
+        "target_given_user": self.item_proj(v_tu),
+        "item": item,
+    }

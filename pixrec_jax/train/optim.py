@@ -1,0 +1,63 @@
+"""Optimiser and the choice of which parameters train."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import optax
+from flax import nnx
+
+TRAINABLE = ("all", "heads_lm_head", "frozen_vision")
+
+
+def schedule(lr: float, steps: int, warmup_steps: int, end_factor: float = 0.0) -> optax.Schedule:
+  """Linear warmup to `lr`, then cosine decay to lr * end_factor at `steps`."""
+  warmup = min(max(warmup_steps, 0), max(steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup,
+                                            decay_steps=max(steps, warmup + 1), end_value=lr * end_factor)
+
+
+def _decays(path: tuple, _) -> bool:
+  """Weight decay on matrices only: not on norms, biases or embedding-like tables."""
+  return path[-1] == "kernel"
+
+
+def optimizer(*, lr: float, steps: int, warmup_steps: int, weight_decay: float, clip_norm: float,
+              b1: float = 0.9, b2: float = 0.999) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  sched = schedule(lr, steps, warmup_steps)
+  parts = []
+  if clip_norm and clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(clip_norm))
+  parts.append(optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay,
+                           mask=lambda params: nnx.map_state(_decays, params)))
+  return optax.chain(*parts), sched
+
+
+def _under(prefixes: Sequence[tuple]):
+  """An nnx filter: true for variables whose path starts with one of `prefixes`."""
+  prefixes = tuple(tuple(p) for p in prefixes)
+
+  def f(path, _):
+    return any(tuple(path[:len(p)]) == p for p in prefixes)
+
+  return f
+
+
+def trainable_filter(mode: str, *, tied_embeddings: bool, text_only: bool):
+  """Which parameters train.
+
+  all: everything (but the vision tower in text-only mode, which reads no image).
+  heads_lm_head: the paper's frozen mode: the two projection heads and the LM head
+    (with tied embeddings the LM head is the embedding table, which then trains).
+  frozen_vision: everything except the vision tower (the connector trains).
+  """
+  if mode not in TRAINABLE:
+    raise ValueError(f"train.trainable must be one of {TRAINABLE}, got {mode!r}")
+  vision = [("backbone", "vision_model")] + ([("backbone", "connector")] if text_only else [])
+  if mode == "all":
+    frozen = vision if text_only else []
+    return nnx.All(nnx.Param, nnx.Not(_under(frozen))) if frozen else nnx.Param
+  if mode == "frozen_vision":
+    return nnx.All(nnx.Param, nnx.Not(_under(vision)))
+  head = ("backbone", "text_model", "embed_tokens") if tied_embeddings else ("backbone", "lm_head")
+  return nnx.All(nnx.Param, _under([("user_proj",), ("item_proj",), head]))

@@ -1,0 +1,200 @@
+"""The main job, top to bottom: data, tokenizer, model, mesh, train, evaluate, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import transformers
+from flax import nnx
+from tqdm import tqdm
+
+from pixrec_jax import sharding as shd
+from pixrec_jax.convert import hf
+from pixrec_jax.data import catalog, examples, images, pipeline, synthetic
+from pixrec_jax.eval import ranking
+from pixrec_jax.models.backbone import Backbone
+from pixrec_jax.models.config import BackboneConfig, Runtime, TextConfig, VisionConfig
+from pixrec_jax.recsys.losses import LossWeights
+from pixrec_jax.recsys.model import HeadsConfig, PixRec
+from pixrec_jax.train import optim
+from pixrec_jax.train.trainer import Trainer
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def load_data(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> catalog.Dataset:
+  if cfg.data.source == "synthetic":
+    path = pathlib.Path(cfg.data.path) if cfg.data.path else workdir / "data"
+    options = synthetic.SyntheticOptions(**{k: (tuple(v) if isinstance(v, list) else v)
+                                            for k, v in cfg.data.synthetic.to_dict().items()})
+    return synthetic.generate(path, options)
+  if cfg.data.source == "dataset":
+    if not cfg.data.path:
+      raise ValueError("data.source='dataset' needs data.path: a processed dataset folder")
+    return catalog.load_dataset(cfg.data.path)
+  raise ValueError(f"data.source must be 'synthetic' or 'dataset', got {cfg.data.source!r}")
+
+
+def load_tokenizer(cfg: ml_collections.ConfigDict, dataset: catalog.Dataset):
+  path = cfg.model.path or dataset.tokenizer_path
+  if not path:
+    raise ValueError("no tokenizer: set model.path to a local Hugging Face checkpoint directory "
+                     "(the dataset ships none)")
+  return transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+def backbone_config(cfg: ml_collections.ConfigDict, tokenizer) -> BackboneConfig:
+  """From the checkpoint's config.json, or (random init) from the config's sizes and the tokenizer."""
+  if cfg.model.path:
+    return BackboneConfig.from_pretrained(cfg.model.path)
+  image_token = tokenizer.convert_tokens_to_ids(examples.IMAGE_TOKEN)
+  if image_token is None or image_token == tokenizer.unk_token_id:
+    raise ValueError(f"the tokenizer has no {examples.IMAGE_TOKEN!r} token")
+  text = TextConfig(vocab_size=len(tokenizer), num_hidden_layers=cfg.model.text.num_hidden_layers,
+                    hidden_size=cfg.model.text.hidden_size, intermediate_size=cfg.model.text.intermediate_size,
+                    num_attention_heads=cfg.model.text.num_attention_heads,
+                    num_key_value_heads=cfg.model.text.num_key_value_heads, head_dim=cfg.model.text.head_dim,
+                    rms_norm_eps=cfg.model.text.rms_norm_eps, rope_theta=cfg.model.text.rope_theta,
+                    max_position_embeddings=cfg.model.text.max_position_embeddings,
+                    tie_word_embeddings=cfg.model.text.tie_word_embeddings, pad_token_id=tokenizer.pad_token_id)
+  vision = VisionConfig(**cfg.model.vision.to_dict())
+  return BackboneConfig(model_type="idefics3", text=text, vision=vision, scale_factor=cfg.model.scale_factor,
+                        image_token_id=int(image_token))
+
+
+def load_pretrained_backbone(trainer: Trainer, state, path: str):
+  """Overwrites the randomly initialised backbone in `state` with a checkpoint's weights, in place on
+  each parameter's sharding."""
+  reader = hf.CheckpointReader(path)
+  model = trainer.model(state)
+  cfg = model.backbone.cfg
+  abstract = nnx.state(model.backbone)
+  hf.load_state(reader, cfg, model.backbone.runtime, abstract,
+                shardings=jax.tree.map(lambda v: v.replace(v[...].sharding), abstract,
+                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  nnx.update(model.backbone, abstract)
+  _, params, frozen = nnx.split(model, trainer.trainable, ...)
+  return state._replace(params=params, frozen=frozen)
+
+
+def _format_table(results: dict[str, dict[str, float]]) -> str:
+  keys = list(next(iter(results.values())))
+  head = "| split | " + " | ".join(keys) + " |"
+  rule = "|" + "---|" * (len(keys) + 1)
+  rows = [f"| {split} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |" for split, m in results.items()]
+  return "\n".join([head, rule] + rows)
+
+
+def _to_python(x: Any) -> Any:
+  return x.item() if hasattr(x, "item") else x
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+
+  # Data.
+  dataset = load_data(cfg, workdir)
+  splits = catalog.leave_one_out(dataset)
+  tokenizer = load_tokenizer(cfg, dataset)
+  bcfg = backbone_config(cfg, tokenizer)
+  text_only = bool(cfg.pixrec.text_only)
+  item_texts = [dataset.item_text(i, cfg.data.template) for i in range(dataset.num_items)]
+  image_size = bcfg.vision.image_size if bcfg.is_vlm else 0
+  layout = examples.PromptBuilder.plan(tokenizer, item_texts, max_history=cfg.data.max_history,
+                                       image_seq_len=0 if text_only else bcfg.image_seq_len, image_size=image_size,
+                                       max_item_tokens=cfg.data.max_item_tokens)
+  store = None
+  if not text_only:
+    paths = [dataset.image_path(i) for i in range(dataset.num_items)]
+    store = images.ImageStore(paths, images.ImageSpec(image_size))
+  builder = examples.PromptBuilder(tokenizer, item_texts, store, layout)
+
+  # Model, mesh, optimiser.
+  mesh = shd.make_mesh(**cfg.mesh.to_dict())
+  batch_size = cfg.train.batch_size
+  if batch_size % jax.process_count():
+    raise ValueError(f"train.batch_size={batch_size} is not divisible by {jax.process_count()} processes")
+  steps = cfg.train.steps
+  if cfg.train.epochs > 0:
+    steps = int(math.ceil(cfg.train.epochs * len(splits.train) / batch_size))
+  rt = Runtime(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, attention=cfg.model.attention)
+  heads = HeadsConfig(proj_dim=cfg.pixrec.proj_dim, pooling=cfg.pixrec.pooling, text_only=text_only)
+  weights = LossWeights(alpha=cfg.pixrec.alpha, beta=cfg.pixrec.beta, temperature=cfg.pixrec.temperature)
+  model_fn = lambda: PixRec(Backbone(bcfg, rt, rngs=nnx.Rngs(cfg.seed)), heads, rngs=nnx.Rngs(cfg.seed + 1))
+  tx, sched = optim.optimizer(lr=cfg.train.lr, steps=steps, warmup_steps=cfg.train.warmup_steps,
+                              weight_decay=cfg.train.weight_decay, clip_norm=cfg.train.clip_norm)
+  trainable = optim.trainable_filter(cfg.train.trainable, tied_embeddings=bcfg.text.tie_word_embeddings,
+                                     text_only=text_only)
+  trainer = Trainer(model_fn, tx, trainable, weights, mesh, sched)
+  state = trainer.init_state()
+  if cfg.model.path:
+    state = load_pretrained_backbone(trainer, state, cfg.model.path)
+  counts = trainer.param_counts(state)
+  print(f"pixrec_jax: {dataset.num_items} items, {len(splits.train)} training users, "
+        f"{'text only' if text_only else 'text + images'}; params: {counts['trainable']:,} trainable, "
+        f"{counts['frozen']:,} frozen; mesh {dict(mesh.shape)}; {steps} steps of batch {batch_size}", flush=True)
+
+  # Train.
+  train_iter = iter(pipeline.train_dataset(splits.train, builder,
+                                           batch_size=batch_size // jax.process_count(), seed=cfg.seed,
+                                           shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                           num_workers=cfg.data.num_workers))
+  log_path = workdir / "train_log.jsonl"
+  dropped = 0
+  start = time.perf_counter()
+  pending = None
+  with open(log_path, "a") if is_main else open("/dev/null", "w") as log, \
+      tqdm(total=steps, desc="train", unit="step", disable=not is_main) as bar:
+    for step in range(1, steps + 1):
+      batch, bookkeeping = pipeline.split_bookkeeping(next(train_iter))
+      dropped += int(bookkeeping["dropped_history"].sum())
+      state, metrics = trainer.step(state, batch)
+      bar.update(1)
+      if step % cfg.train.log_every == 0 or step == steps:
+        pending = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not all(math.isfinite(v) for v in pending.values()):
+          raise NonFiniteLossError(f"non-finite training metrics at step {step}: {pending}")
+        elapsed = time.perf_counter() - start
+        record = {"step": step, **pending, "examples_per_s": step * batch_size / elapsed,
+                  "dropped_history_items": dropped}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{pending['loss']:.4f}", nig=f"{pending['nig']:.3f}", ut_acc=f"{pending['ut_acc']:.2f}")
+  train_seconds = time.perf_counter() - start
+
+  # Evaluate: the whole catalogue, ranked for each held-out case.
+  settings = ranking.EvalSettings(batch_size=cfg.eval.batch_size, mask_history=cfg.eval.mask_history,
+                                  num_workers=cfg.data.num_workers, progress=is_main)
+  states = (state.params, state.frozen)
+  item_emb = ranking.catalog_embeddings(trainer.graphdef, states, builder, dataset.num_items, mesh, settings)
+  results, reports = {}, {}
+  for split in cfg.eval.splits:
+    cases = {"valid": splits.valid, "test": splits.test}.get(split)
+    if cases is None:
+      raise ValueError(f"eval.splits entries must be 'valid' or 'test', got {split!r}")
+    results[split], reports[split] = ranking.evaluate_split(trainer.graphdef, states, builder, cases, item_emb,
+                                                            mesh, settings, split)
+  out = {**results, "report": {"splits": reports, "text_only": text_only, "train_steps": steps,
+                               "train_seconds": round(train_seconds, 2), "final_train_metrics": pending,
+                               "dropped_history_items": dropped, "split_counts": splits.counts,
+                               "params": counts, "layout": dataclasses.asdict(layout)}}
+  if is_main:
+    (workdir / "metrics.json").write_text(json.dumps(out, indent=2, default=_to_python))
+    print(_format_table(results))
+    print(f"wrote {workdir / 'metrics.json'}")
+  return out

@@ -1,0 +1,34 @@
+"""Sharded training equals single-device training (8 forced CPU devices, in a subprocess)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, "-m", "tests.sharded_training", str(tmp_path_factory.mktemp("shard"))],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mesh", ["data8", "fsdp4_data2", "tp2_fsdp2_dp2"])
+def test_mesh_gives_single_device_losses_and_params(runs, mesh):
+  want, got = runs["single"], runs[mesh]
+  np.testing.assert_allclose(got["losses"], want["losses"], atol=1e-5, rtol=0)
+  for name, values in want["params"].items():
+    np.testing.assert_allclose(got["params"][name], values, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_meshes_really_shard_the_state(runs):
+  assert any("fsdp" in s for s in runs["fsdp4_data2"]["specs"])
+  assert any("tensor" in s for s in runs["tp2_fsdp2_dp2"]["specs"])

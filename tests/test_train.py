@@ -1,0 +1,118 @@
+"""The train step, trainable-parameter selection and the main job end to end (tiny sizes)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from pixrec_jax import config_lib
+from pixrec_jax import sharding as shd
+from pixrec_jax.data import pipeline
+from pixrec_jax.models.backbone import Backbone
+from pixrec_jax.models.config import BackboneConfig, Runtime, TextConfig, VisionConfig
+from pixrec_jax.recsys.losses import LossWeights
+from pixrec_jax.recsys.model import HeadsConfig, PixRec
+from pixrec_jax.train import optim
+from pixrec_jax.train.run import train_and_evaluate
+from pixrec_jax.train.trainer import Trainer
+
+
+def _tiny_model_fn(tokenizer, tie, text_only=False):
+  text = TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tie)
+  vision = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        image_size=32, patch_size=8)
+  cfg = BackboneConfig("idefics3", text, vision, scale_factor=2,
+                       image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+  return lambda: PixRec(Backbone(cfg, Runtime(), rngs=nnx.Rngs(0)), HeadsConfig(proj_dim=16, text_only=text_only),
+                        rngs=nnx.Rngs(1))
+
+
+def _trainer(model_fn, trainable, lr=3e-3):
+  tx, sched = optim.optimizer(lr=lr, steps=50, warmup_steps=0, weight_decay=0.0, clip_norm=1.0)
+  return Trainer(model_fn, tx, trainable, LossWeights(0.3, 0.4, 0.2), shd.make_mesh(devices=jax.devices()[:1]), sched)
+
+
+def _batch(builder, splits, n=8):
+  it = iter(pipeline.train_dataset(splits.train, builder, batch_size=n, seed=0))
+  return pipeline.split_bookkeeping(next(it))[0]
+
+
+def _paths(state):
+  return {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state)}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_paper_mode_trains_only_heads_and_lm_head(word_tokenizer, image_builder, small_splits, tie):
+  trainable = optim.trainable_filter("heads_lm_head", tied_embeddings=tie, text_only=False)
+  trainer = _trainer(_tiny_model_fn(word_tokenizer, tie), trainable)
+  state = trainer.init_state()
+  roots = {p.rsplit("/", 1)[0] for p in _paths(state.params)}
+  head = "backbone/text_model/embed_tokens" if tie else "backbone/lm_head"
+  assert roots == {"user_proj", "item_proj", head}
+  frozen_before = jax.tree.map(np.asarray, state.frozen)
+  state, _ = trainer.step(state, _batch(image_builder, small_splits))
+  for (path, before), (_, after) in zip(nnx.to_flat_state(frozen_before), nnx.to_flat_state(state.frozen)):
+    assert np.array_equal(np.asarray(before[...]), np.asarray(after[...])), path
+
+
+def test_frozen_vision_and_text_only_freeze_the_vision_tower(word_tokenizer):
+  fn = _tiny_model_fn(word_tokenizer, False)
+  frozen_vision = _trainer(fn, optim.trainable_filter("frozen_vision", tied_embeddings=False, text_only=False))
+  paths = _paths(frozen_vision.init_state().params)
+  assert not any(p.startswith("backbone/vision_model") for p in paths)
+  assert any(p.startswith("backbone/connector") for p in paths)
+  text_only = _trainer(_tiny_model_fn(word_tokenizer, False, text_only=True),
+                       optim.trainable_filter("all", tied_embeddings=False, text_only=True))
+  paths = _paths(text_only.init_state().params)
+  assert not any(p.startswith(("backbone/vision_model", "backbone/connector")) for p in paths)
+  with pytest.raises(ValueError, match="train.trainable must be one of"):
+    optim.trainable_filter("lora", tied_embeddings=False, text_only=False)
+
+
+def test_train_step_fits_a_fixed_batch(word_tokenizer, image_builder, small_splits):
+  trainer = _trainer(_tiny_model_fn(word_tokenizer, False), nnx.Param, lr=1e-2)
+  state = trainer.init_state()
+  batch = _batch(image_builder, small_splits)
+  losses = []
+  for _ in range(25):
+    state, metrics = trainer.step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert int(state.step) == 25
+  assert losses[-1] < 0.6 * losses[0], losses
+
+
+def _tiny_cfg(*options, steps=6):
+  cfg, _ = config_lib.parse_args(["--config", "configs/demo.py" + (":" + ",".join(options) if options else "")])
+  for key, value in {"data.synthetic.num_users": "60", "data.synthetic.num_groups": "12", "train.steps": str(steps),
+                     "train.batch_size": "8", "train.warmup_steps": "2", "train.log_every": "3",
+                     "model.text.num_hidden_layers": "1", "model.vision.num_hidden_layers": "1",
+                     "eval.batch_size": "32"}.items():
+    config_lib.override(cfg, key, value)
+  return cfg
+
+
+@pytest.mark.parametrize("options", [(), ("text_only",)])
+def test_main_job_writes_metrics_for_both_splits(tmp_path, options):
+  out = train_and_evaluate(_tiny_cfg(*options), tmp_path)
+  written = json.loads((tmp_path / "metrics.json").read_text())
+  keys = {"recall@1", "recall@5", "recall@10", "recall@20", "ndcg@10", "ndcg@20", "mrr"}
+  for split in ("valid", "test"):
+    assert set(written[split]) == keys
+    assert all(0.0 <= v <= 1.0 for v in written[split].values())
+    assert written[split] == pytest.approx(out[split])
+    assert written["report"]["splits"][split]["users"] == 60
+    assert written["report"]["splits"][split]["mask_history"] is True
+  assert written["report"]["text_only"] == bool(options)
+  log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in log] == [3, 6]
+  assert all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_two_runs_with_one_seed_give_identical_metrics(tmp_path):
+  a = train_and_evaluate(_tiny_cfg(steps=3), tmp_path / "a")
+  b = train_and_evaluate(_tiny_cfg(steps=3), tmp_path / "b")
+  assert a["test"] == b["test"] and a["valid"] == b["valid"]
+  assert a["report"]["final_train_metrics"] == b["report"]["final_train_metrics"]
