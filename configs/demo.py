@@ -46,7 +46,7 @@ def get_config(arg=None):
   c.pixrec = ml_collections.ConfigDict()
   c.pixrec.text_only = "text_only" in options
   c.pixrec.proj_dim = 128
-  c.pixrec.pooling = "mean"
+  c.pixrec.pooling = "last"  # mean (the paper's) also works, but trains slower from scratch
   c.pixrec.alpha = 0.25  # item-item contrastive weight
   c.pixrec.beta = 0.5  # user-item contrastive weight
   c.pixrec.temperature = 0.1
@@ -61,12 +61,14 @@ def get_config(arg=None):
   c.data.num_workers = 0  # grain worker processes (0: in the main process)
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 600
+  c.train.steps = 500
   c.train.epochs = 0  # > 0: steps = epochs * training users / batch_size instead
   c.train.batch_size = 32  # global
   c.train.lr = 2e-3
   c.train.warmup_steps = 50
   c.train.weight_decay = 0.01
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
   c.train.clip_norm = 1.0
   c.train.trainable = "all"  # all | heads_lm_head | frozen_vision
   c.train.log_every = 50

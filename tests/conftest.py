@@ -10,7 +10,7 @@ from pixrec_jax.data import catalog, examples, images, synthetic
 
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
-  """A small synthetic catalogue: 60 groups, 80 users."""
+  """A small synthetic catalogue: 30 product lines, 80 users."""
   return synthetic.generate(tmp_path_factory.mktemp("synthetic") / "data", synthetic.SyntheticOptions(num_users=80))
 
 

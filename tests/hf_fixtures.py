@@ -36,8 +36,9 @@ def tiny_llama_config(*, kv_heads: int = 2, tie: bool = False):
                                   tie_word_embeddings=tie)
 
 
-def build_and_save(config, path, seed: int = 0):
-  """Random model for `config`, with non-trivial norms and biases, saved as safetensors."""
+def build_and_save(config, path, seed: int = 0, max_shard_size=None):
+  """Random model for `config`, with non-trivial norms and biases, saved as safetensors
+  (in several shards with an index when max_shard_size is given)."""
   torch.manual_seed(seed)
   if isinstance(config, transformers.LlamaConfig):
     model = transformers.LlamaForCausalLM(config)
@@ -51,7 +52,7 @@ def build_and_save(config, path, seed: int = 0):
       if "norm" in name or name.endswith("bias"):
         p.add_(0.1 * torch.randn_like(p))
   model.eval()
-  model.save_pretrained(path)
+  model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
   return model
 
 

@@ -47,3 +47,11 @@ def test_history_masking_removes_history_items_from_the_ranking():
   cases = [_case([0], 2)]
   assert rank_targets(users, items, cases, mask_history=False).tolist() == [2]
   assert rank_targets(users, items, cases, mask_history=True).tolist() == [1]
+
+
+def test_distinct_inputs_maps_every_item_to_its_first_twin():
+  from pixrec_jax.eval.ranking import distinct_inputs
+
+  reps, inverse = distinct_inputs(["a", "b", "a", "c", "b", "a"])
+  assert reps.tolist() == [0, 1, 3]
+  assert inverse.tolist() == [0, 1, 0, 2, 1, 0]

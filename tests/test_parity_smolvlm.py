@@ -114,3 +114,29 @@ def test_image_token_count_mismatch_is_a_clear_error(tmp_path):
   two_images = np.ones((1, 2, 3, 32, 32), np.float32)
   with pytest.raises(ValueError, match="image features and image tokens do not match"):
     ours(input_ids=ids, pixel_values=two_images)
+
+
+def test_sharded_safetensors_checkpoint_loads(tmp_path):
+  hf_model = fx.build_and_save(fx.tiny_idefics3_config(), tmp_path, max_shard_size="40KB")
+  assert (tmp_path / "model.safetensors.index.json").is_file()
+  assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+  ours = pixrec_jax.from_pretrained(tmp_path)
+  batch = _cases(ours.cfg.image_seq_len)["one_image_right_padding"]
+  hf_logits, _ = _hf_outputs(hf_model, batch)
+  _assert_close(hf_logits, _ours(ours, batch)[0], batch["attention_mask"], "sharded checkpoint: logits")
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path):
+  from pixrec_jax.convert import safetensors_io
+
+  fx.build_and_save(fx.tiny_idefics3_config(), tmp_path)
+  tensors = dict(safetensors_io.CheckpointReader(tmp_path).items())
+  del tensors["model.text_model.norm.weight"]
+  safetensors_io.save_file(tensors, tmp_path / "model.safetensors")
+  with pytest.raises(ValueError, match="lacks 1 parameters.*model.text_model.norm.weight"):
+    pixrec_jax.from_pretrained(tmp_path)
+  tensors["model.text_model.norm.weight"] = np.ones(32, np.float32)
+  tensors["model.extra.weight"] = np.ones(3, np.float32)
+  safetensors_io.save_file(tensors, tmp_path / "model.safetensors")
+  with pytest.raises(ValueError, match="does not use.*model.extra.weight"):
+    pixrec_jax.from_pretrained(tmp_path)

@@ -135,7 +135,7 @@ def test_pipeline_state_can_be_saved_and_restored(text_builder, small_splits):
 
 def test_eval_batches_cover_every_item_once_in_order(image_builder, small_dataset):
   seen = []
-  for batch in pipeline.catalog_dataset(image_builder, small_dataset.num_items, batch_size=64):
+  for batch in pipeline.catalog_dataset(image_builder, range(small_dataset.num_items), batch_size=64):
     assert batch["item_ids"].shape[0] == 64
     seen.append(batch["valid"])
   valid = np.concatenate(seen)

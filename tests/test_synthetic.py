@@ -83,19 +83,26 @@ def test_exact_lengths_without_repeats_when_successors_cycle(tmp_path):
   successors, groups = truth["group_successors"], truth["item_group"]
   for user in dataset.users:
     assert sorted(user.items.tolist()) == list(range(6))
-  jumps = sum(groups[b] != successors[groups[a]][0]
+  colours = [list(dict(synthetic.PALETTE)).index(c) for c in truth["item_colour"]]
+  family = lambda item: synthetic.colour_family(colours[item], options.colour_families)
+  jumps = sum(groups[b] != successors[groups[a]][family(a)][0]
               for u in dataset.users for a, b in zip(u.items[:-1], u.items[1:]))
   assert jumps > 0
 
 
-def test_group_transitions_follow_successors(dataset, truth):
+def test_group_transitions_follow_the_successors_of_the_last_colour(dataset, truth):
   groups = np.asarray(truth["item_group"])
+  names = list(dict(synthetic.PALETTE))
+  family = [synthetic.colour_family(names.index(c), _SMALL.colour_families) for c in truth["item_colour"]]
   successors = truth["group_successors"]
-  steps = [(a, b) for u in dataset.users for a, b in zip(groups[u.items[:-1]], groups[u.items[1:]])]
-  followed = sum(b in successors[a] for a, b in steps)
+  steps = [(groups[a], family[a], groups[b]) for u in dataset.users for a, b in zip(u.items[:-1], u.items[1:])]
+  followed = sum(g2 in successors[g][f] for g, f, g2 in steps)
   assert followed / len(steps) > 0.98  # Only the rare fresh start after _MAX_DRAWS leaves the list.
-  first_choice = sum(b == successors[a][0] for a, b in steps) / len(steps)
+  first_choice = sum(g2 == successors[g][f][0] for g, f, g2 in steps) / len(steps)
   assert abs(first_choice - _SMALL.successor_probs[0]) < 0.05
+  # The other family's list explains the steps worse: the colour just bought matters.
+  other = sum(g2 == successors[g][1 - f][0] for g, f, g2 in steps) / len(steps)
+  assert other < first_choice - 0.2
 
 
 def test_variants_share_text_but_not_pixels(dataset, truth):
@@ -224,5 +231,5 @@ def test_default_options_are_fast(tmp_path):
   dataset = synthetic.generate(tmp_path / "default")
   elapsed = time.perf_counter() - start
   assert dataset.manifest["counts"]["users"] == 2000
-  assert dataset.manifest["counts"]["items"] == 204
+  assert dataset.manifest["counts"]["items"] == 100
   assert elapsed < 20, f"default generation took {elapsed:.1f}s; budget is about 10s"

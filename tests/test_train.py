@@ -116,3 +116,23 @@ def test_two_runs_with_one_seed_give_identical_metrics(tmp_path):
   b = train_and_evaluate(_tiny_cfg(steps=3), tmp_path / "b")
   assert a["test"] == b["test"] and a["valid"] == b["valid"]
   assert a["report"]["final_train_metrics"] == b["report"]["final_train_metrics"]
+
+
+def test_items_with_identical_text_tie_exactly_in_text_only_ranking(word_tokenizer, text_builder, small_dataset):
+  from pixrec_jax.eval import ranking
+
+  trainer = _trainer(_tiny_model_fn(word_tokenizer, False, text_only=True),
+                     optim.trainable_filter("all", tied_embeddings=False, text_only=True))
+  state = trainer.init_state()
+  keys = [(text_builder.item_texts[i], None) for i in range(small_dataset.num_items)]
+  emb = ranking.catalog_embeddings(trainer.graphdef, (state.params, state.frozen), text_builder, keys, trainer.mesh,
+                                   ranking.EvalSettings(batch_size=16, progress=False))
+  assert emb.shape[0] == small_dataset.num_items
+  by_text = {}
+  for i, text in enumerate(text_builder.item_texts):
+    by_text.setdefault(text, []).append(i)
+  twins = [ids for ids in by_text.values() if len(ids) > 1]
+  assert twins, "the synthetic catalogue has variants sharing a text"
+  for ids in twins:
+    assert all(np.array_equal(emb[ids[0]], emb[i]) for i in ids)
+  assert len({emb[ids[0]].tobytes() for ids in by_text.values()}) == len(by_text)

@@ -147,7 +147,7 @@ def load_state(reader: CheckpointReader, cfg: BackboneConfig, rt: Runtime, abstr
                        f"{entry.transform.name} transform, expected {tuple(var.shape)} for {'/'.join(map(str, entry.path))}")
     value = np.asarray(value).astype(dtype)
     if shardings is not None:
-      var.set_value(jax.device_put(value, _leaf(shardings, entry.path)[...]))
+      var.set_value(jax.device_put(value, _leaf(shardings, entry.path).get_value()))
     else:
       var.set_value(jnp.asarray(value))
   return abstract_state

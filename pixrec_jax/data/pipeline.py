@@ -117,9 +117,9 @@ def _eval_dataset(keys: Sequence[Any], make, batch_size: int, num_workers: int) 
   return it
 
 
-def catalog_dataset(builder: PromptBuilder, num_items: int, batch_size: int, num_workers: int = 0):
-  """Every catalogue item read alone, in item-id order."""
-  return _eval_dataset(range(num_items), builder.item_example, batch_size, num_workers)
+def catalog_dataset(builder: PromptBuilder, item_ids: Sequence[int], batch_size: int, num_workers: int = 0):
+  """The given catalogue items, each read alone, in the given order."""
+  return _eval_dataset([int(i) for i in item_ids], builder.item_example, batch_size, num_workers)
 
 
 def user_dataset(builder: PromptBuilder, histories: Sequence[np.ndarray], batch_size: int, num_workers: int = 0):

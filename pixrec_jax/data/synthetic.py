@@ -7,22 +7,28 @@ baseline and the multimodal model can be told apart in minutes on one machine:
 - Product lines ("groups") have unique titles ("Cozy Ceramic Mug"), a category, a
   brand and a price, and a picture style: a shape and a pattern.
 - Most groups (1 - single_variant_fraction) come in one variant per palette colour
-  (red, green, blue, yellow, purple, cyan). The variants' texts are identical; only the picture,
-  the group's shape filled in the variant's colour, tells them apart. No colour
-  name appears in any text. Single-variant groups have one item in a seeded colour.
-- Each user has a preferred colour. A history starts at a uniform group and moves
-  to one of the group's `successors_per_group` fixed successors with
-  `successor_probs`, so the next product line is predictable from text. Within a
-  multi-variant line the user buys the preferred colour with probability
-  `colour_loyalty`, else another colour uniformly. The preferred colour can only be
-  seen in the pictures of past purchases, and only a picture says which item of
-  the next line is the target.
+  (red, yellow, purple, green, blue, cyan). The variants' texts are identical; only
+  the picture, the group's shape filled in the variant's colour, tells them apart.
+  No colour name appears in any text. Single-variant groups have one item in a
+  seeded colour.
+- Each user has a preferred colour. Within a multi-variant line the user buys the
+  preferred colour with probability `colour_loyalty`, else another colour
+  uniformly. The preferred colour can only be seen in the pictures of past
+  purchases, and only a picture says which item of the next line is the target.
+- Next purchases also depend on what the last purchase looked like. The palette is
+  split into `colour_families` families (two by default: red/yellow/purple and
+  green/blue/cyan), and each group has one list of `successors_per_group`
+  successor groups per family. A history starts at a uniform group; each step
+  moves to a successor from the list of the family of the colour just bought, with
+  `successor_probs`. Text alone knows the product line just bought but not its
+  colour, so it can only predict a mixture of the lists; the picture says which
+  list applies. With colour_families=1 the next product line depends on text alone.
 - A user never buys an item twice: a step whose item was already bought is drawn
   again (group and variant) up to _MAX_DRAWS times; if all fail the user jumps to
   a uniformly drawn group they have bought nothing from, as at the start of a
   history. Every history therefore has exactly its drawn length, uniform in
   [min_history, max_history]; redraws make the realised share of preferred-colour
-  purchases a little lower than colour_loyalty (0.896 with the defaults). Timestamps
+  purchases a little lower than colour_loyalty (0.881 with the defaults). Timestamps
   are strictly increasing.
 
 Everything is drawn from numpy Generators seeded by `seed` (the catalogue and the
@@ -56,12 +62,14 @@ SOURCE = "pixrec_jax.data.synthetic"
 TRUTH_FILE = "synthetic_truth.json"
 
 # Far apart in RGB so that even a few pixels identify the colour.
+# Listed by colour family: with colour_families=2 the first three and the last three
+# are the two families.
 PALETTE = (
     ("red", (220, 40, 40)),
-    ("green", (40, 170, 60)),
-    ("blue", (40, 80, 220)),
     ("yellow", (235, 200, 40)),
     ("purple", (140, 50, 190)),
+    ("green", (40, 170, 60)),
+    ("blue", (40, 80, 220)),
     ("cyan", (40, 200, 210)),
 )
 _BACKGROUND = (245, 245, 245)
@@ -101,14 +109,15 @@ class SyntheticOptions:
   """What `generate` draws; stored in the manifest to make reruns no-ops."""
 
   seed: int = 0
-  num_groups: int = 60
+  num_groups: int = 20
   single_variant_fraction: float = 0.2
   num_users: int = 2000
   min_history: int = 5
   max_history: int = 9  # Inclusive; the length of a user's whole sequence.
-  successors_per_group: int = 6
-  successor_probs: tuple[float, ...] = (0.4, 0.2, 0.15, 0.1, 0.1, 0.05)
+  successors_per_group: int = 4
+  successor_probs: tuple[float, ...] = (0.5, 0.25, 0.15, 0.1)
   colour_loyalty: float = 0.9
+  colour_families: int = 2
   image_size: int = 32
 
   def __post_init__(self):
@@ -127,6 +136,8 @@ class SyntheticOptions:
         (all(p >= 0 for p in self.successor_probs) and abs(sum(self.successor_probs) - 1) < 1e-6,
          "successor_probs must be non-negative and sum to 1"),
         (0.0 <= self.colour_loyalty <= 1.0, "colour_loyalty must be in [0, 1]"),
+        (self.colour_families >= 1 and len(PALETTE) % self.colour_families == 0,
+         f"colour_families must divide the {len(PALETTE)} palette colours"),
         (self.image_size >= 8, "image_size must be >= 8 pixels to draw a shape"),
     )
     for ok, message in checks:
@@ -146,7 +157,7 @@ class _Catalogue:
   group_items: list[list[int]]  # Multi-variant groups list their items in palette order.
   item_group: list[int]
   item_colour: list[int]
-  successors: np.ndarray  # [num_groups, successors_per_group]
+  successors: np.ndarray  # [num_groups, colour_families, successors_per_group]
 
 
 def _draw_catalogue(rng: np.random.Generator, options: SyntheticOptions) -> _Catalogue:
@@ -177,10 +188,9 @@ def _draw_catalogue(rng: np.random.Generator, options: SyntheticOptions) -> _Cat
       item_group.append(group)
       item_colour.append(colour)
 
-  successors = np.stack([
+  successors = np.asarray([[
       rng.choice(np.delete(np.arange(num_groups), group), options.successors_per_group, replace=False)
-      for group in range(num_groups)
-  ])
+      for _ in range(options.colour_families)] for group in range(num_groups)])
   return _Catalogue(group_fields, group_shape, group_pattern, group_items, item_group, item_colour,
                     successors)
 
@@ -241,6 +251,11 @@ def _pick_variant(rng: np.random.Generator, items: list[int], colour: int, loyal
   return items[other if other < colour else other + 1]
 
 
+def colour_family(colour: int, families: int) -> int:
+  """Palette index -> family index (PALETTE is listed family by family)."""
+  return colour // (len(PALETTE) // families)
+
+
 def _draw_history(
     rng: np.random.Generator, cat: _Catalogue, options: SyntheticOptions, colour: int
 ) -> list[int]:
@@ -250,9 +265,11 @@ def _draw_history(
   group = int(rng.integers(options.num_groups))
   history = [_pick_variant(rng, cat.group_items[group], colour, options.colour_loyalty)]
   while len(history) < length:
+    # Where the user goes next depends on the colour of what they just bought.
+    family = colour_family(cat.item_colour[history[-1]], options.colour_families)
     for _ in range(_MAX_DRAWS):
       slot = min(int(np.searchsorted(cumulative, rng.random(), side="right")), len(cumulative) - 1)
-      next_group = int(cat.successors[group, slot])
+      next_group = int(cat.successors[group, family, slot])
       item = _pick_variant(rng, cat.group_items[next_group], colour, options.colour_loyalty)
       if item not in history:
         break
@@ -298,7 +315,8 @@ def _write(root: pathlib.Path, options: SyntheticOptions) -> None:
       "user_colour": [PALETTE[c][0] for c in user_colours],
       "group_shape": cat.group_shape,
       "group_pattern": cat.group_pattern,
-      "group_successors": cat.successors.tolist(),
+      "colour_families": options.colour_families,
+      "group_successors": cat.successors.tolist(),  # [group][family of the last colour][slot]
   }
   (root / TRUTH_FILE).write_text(json.dumps(truth) + "\n", encoding="utf-8")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,12 +64,31 @@ def _user_fn(model, batch):
                                            batch.get("user_image_valid")))
 
 
-def catalog_embeddings(graphdef, states, builder: PromptBuilder, num_items: int, mesh,
+def distinct_inputs(keys: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
+  """(representative item of each distinct input, distinct index of every item).
+
+  Items whose inputs are identical (same text and, with images, the same image
+  file) must score exactly alike, so that ties among them are resolved by the
+  pessimistic rule and not by floating-point noise of where each sat in a batch.
+  """
+  first: dict[Hashable, int] = {}
+  inverse = np.empty(len(keys), np.int64)
+  for item, key in enumerate(keys):
+    inverse[item] = first.setdefault(key, len(first))
+  representatives = np.empty(len(first), np.int64)
+  representatives[inverse[::-1]] = np.arange(len(keys))[::-1]
+  return representatives, inverse
+
+
+def catalog_embeddings(graphdef, states, builder: PromptBuilder, item_keys: Sequence[Hashable], mesh,
                        settings: EvalSettings) -> np.ndarray:
-  """(num_items, P) unit vectors, row i = item i."""
-  batches = pipeline.catalog_dataset(builder, num_items, settings.batch_size, settings.num_workers)
-  total = -(-num_items // settings.batch_size)
-  return _embed(_item_fn, graphdef, states, batches, mesh, "embed catalogue", total, settings.progress)
+  """(num_items, P) unit vectors, row i = item i. `item_keys[i]` identifies item i's input
+  (e.g. its text and image hash): each distinct input is embedded once."""
+  representatives, inverse = distinct_inputs(item_keys)
+  batches = pipeline.catalog_dataset(builder, representatives, settings.batch_size, settings.num_workers)
+  total = -(-len(representatives) // settings.batch_size)
+  distinct = _embed(_item_fn, graphdef, states, batches, mesh, "embed catalogue", total, settings.progress)
+  return distinct[inverse]
 
 
 def user_embeddings(graphdef, states, builder: PromptBuilder, cases: Sequence[EvalCase], mesh,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import time
 from typing import Any
@@ -100,14 +101,32 @@ def _to_python(x: Any) -> Any:
   return x.item() if hasattr(x, "item") else x
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+@dataclasses.dataclass
+class Job:
+  """Everything the stages of the main job share."""
+
+  cfg: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  dataset: catalog.Dataset
+  splits: catalog.Splits
+  builder: examples.PromptBuilder
+  mesh: Any
+  trainer: Trainer
+  steps: int
+  text_only: bool
+
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
+
+
+def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
+  """Data, tokenizer, prompt layout, mesh, model and optimiser."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  is_main = jax.process_index() == 0
-  if is_main:
+  if jax.process_index() == 0:
     (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
 
-  # Data.
   dataset = load_data(cfg, workdir)
   splits = catalog.leave_one_out(dataset)
   tokenizer = load_tokenizer(cfg, dataset)
@@ -124,7 +143,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     store = images.ImageStore(paths, images.ImageSpec(image_size))
   builder = examples.PromptBuilder(tokenizer, item_texts, store, layout)
 
-  # Model, mesh, optimiser.
   mesh = shd.make_mesh(**cfg.mesh.to_dict())
   batch_size = cfg.train.batch_size
   if batch_size % jax.process_count():
@@ -137,64 +155,100 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
   weights = LossWeights(alpha=cfg.pixrec.alpha, beta=cfg.pixrec.beta, temperature=cfg.pixrec.temperature)
   model_fn = lambda: PixRec(Backbone(bcfg, rt, rngs=nnx.Rngs(cfg.seed)), heads, rngs=nnx.Rngs(cfg.seed + 1))
   tx, sched = optim.optimizer(lr=cfg.train.lr, steps=steps, warmup_steps=cfg.train.warmup_steps,
-                              weight_decay=cfg.train.weight_decay, clip_norm=cfg.train.clip_norm)
+                              weight_decay=cfg.train.weight_decay, clip_norm=cfg.train.clip_norm,
+                              b1=cfg.train.b1, b2=cfg.train.b2)
   trainable = optim.trainable_filter(cfg.train.trainable, tied_embeddings=bcfg.text.tie_word_embeddings,
                                      text_only=text_only)
   trainer = Trainer(model_fn, tx, trainable, weights, mesh, sched)
-  state = trainer.init_state()
-  if cfg.model.path:
-    state = load_pretrained_backbone(trainer, state, cfg.model.path)
-  counts = trainer.param_counts(state)
-  print(f"pixrec_jax: {dataset.num_items} items, {len(splits.train)} training users, "
-        f"{'text only' if text_only else 'text + images'}; params: {counts['trainable']:,} trainable, "
-        f"{counts['frozen']:,} frozen; mesh {dict(mesh.shape)}; {steps} steps of batch {batch_size}", flush=True)
+  return Job(cfg, workdir, dataset, splits, builder, mesh, trainer, steps, text_only)
 
-  # Train.
-  train_iter = iter(pipeline.train_dataset(splits.train, builder,
+
+def init_state(job: Job):
+  state = job.trainer.init_state()
+  if job.cfg.model.path:
+    state = load_pretrained_backbone(job.trainer, state, job.cfg.model.path)
+  return state
+
+
+def train(job: Job, state) -> tuple[Any, dict]:
+  """Runs job.steps updates; returns the state and a summary."""
+  cfg = job.cfg
+  batch_size = cfg.train.batch_size
+  train_iter = iter(pipeline.train_dataset(job.splits.train, job.builder,
                                            batch_size=batch_size // jax.process_count(), seed=cfg.seed,
                                            shard_index=jax.process_index(), shard_count=jax.process_count(),
                                            num_workers=cfg.data.num_workers))
-  log_path = workdir / "train_log.jsonl"
+  log_path = job.workdir / "train_log.jsonl"
   dropped = 0
+  last = None
   start = time.perf_counter()
-  pending = None
-  with open(log_path, "a") if is_main else open("/dev/null", "w") as log, \
-      tqdm(total=steps, desc="train", unit="step", disable=not is_main) as bar:
-    for step in range(1, steps + 1):
+  with open(log_path, "a") if job.is_main else open(os.devnull, "w") as log, \
+      tqdm(total=job.steps, desc="train", unit="step", disable=not job.is_main) as bar:
+    for step in range(1, job.steps + 1):
       batch, bookkeeping = pipeline.split_bookkeeping(next(train_iter))
       dropped += int(bookkeeping["dropped_history"].sum())
-      state, metrics = trainer.step(state, batch)
+      state, metrics = job.trainer.step(state, batch)
       bar.update(1)
-      if step % cfg.train.log_every == 0 or step == steps:
-        pending = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not all(math.isfinite(v) for v in pending.values()):
-          raise NonFiniteLossError(f"non-finite training metrics at step {step}: {pending}")
-        elapsed = time.perf_counter() - start
-        record = {"step": step, **pending, "examples_per_s": step * batch_size / elapsed,
+      if step % cfg.train.log_every == 0 or step == job.steps:
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not all(math.isfinite(v) for v in last.values()):
+          raise NonFiniteLossError(f"non-finite training metrics at step {step}: {last}")
+        record = {"step": step, **last, "examples_per_s": step * batch_size / (time.perf_counter() - start),
                   "dropped_history_items": dropped}
         log.write(json.dumps(record) + "\n")
         log.flush()
-        bar.set_postfix(loss=f"{pending['loss']:.4f}", nig=f"{pending['nig']:.3f}", ut_acc=f"{pending['ut_acc']:.2f}")
-  train_seconds = time.perf_counter() - start
+        bar.set_postfix(loss=f"{last['loss']:.4f}", nig=f"{last['nig']:.3f}", ut_acc=f"{last['ut_acc']:.2f}")
+  return state, {"train_steps": job.steps, "train_seconds": round(time.perf_counter() - start, 2),
+                 "final_train_metrics": last, "dropped_history_items": dropped}
 
-  # Evaluate: the whole catalogue, ranked for each held-out case.
+
+def item_input_keys(job: Job) -> list:
+  """What each item's tower input is made of: its text and (with images) its image file's hash."""
+  files = job.dataset.manifest.get("files", {})
+  keys = []
+  for i, item in enumerate(job.dataset.items):
+    text = job.builder.item_texts[i]
+    if job.text_only or item.image is None:
+      keys.append((text, None))
+    else:
+      keys.append((text, files.get(item.image, item.image)))
+  return keys
+
+
+def evaluate(job: Job, state) -> tuple[dict, dict]:
+  """Whole-catalogue dense ranking for each configured split: (metrics, reports) by split."""
+  cfg = job.cfg
   settings = ranking.EvalSettings(batch_size=cfg.eval.batch_size, mask_history=cfg.eval.mask_history,
-                                  num_workers=cfg.data.num_workers, progress=is_main)
+                                  num_workers=cfg.data.num_workers, progress=job.is_main)
   states = (state.params, state.frozen)
-  item_emb = ranking.catalog_embeddings(trainer.graphdef, states, builder, dataset.num_items, mesh, settings)
+  graphdef = job.trainer.graphdef
+  item_emb = ranking.catalog_embeddings(graphdef, states, job.builder, item_input_keys(job), job.mesh, settings)
   results, reports = {}, {}
   for split in cfg.eval.splits:
-    cases = {"valid": splits.valid, "test": splits.test}.get(split)
+    cases = {"valid": job.splits.valid, "test": job.splits.test}.get(split)
     if cases is None:
       raise ValueError(f"eval.splits entries must be 'valid' or 'test', got {split!r}")
-    results[split], reports[split] = ranking.evaluate_split(trainer.graphdef, states, builder, cases, item_emb,
-                                                            mesh, settings, split)
-  out = {**results, "report": {"splits": reports, "text_only": text_only, "train_steps": steps,
-                               "train_seconds": round(train_seconds, 2), "final_train_metrics": pending,
-                               "dropped_history_items": dropped, "split_counts": splits.counts,
-                               "params": counts, "layout": dataclasses.asdict(layout)}}
-  if is_main:
-    (workdir / "metrics.json").write_text(json.dumps(out, indent=2, default=_to_python))
+    results[split], reports[split] = ranking.evaluate_split(graphdef, states, job.builder, cases, item_emb, job.mesh,
+                                                            settings, split)
+  return results, reports
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  job = setup(cfg, workdir)
+  state = init_state(job)
+  counts = job.trainer.param_counts(state)
+  if job.is_main:
+    print(f"pixrec_jax: {job.dataset.num_items} items, {len(job.splits.train)} training users, "
+          f"{'text only' if job.text_only else 'text + images'}; params: {counts['trainable']:,} trainable, "
+          f"{counts['frozen']:,} frozen; mesh {dict(job.mesh.shape)}; {job.steps} steps of batch "
+          f"{cfg.train.batch_size}", flush=True)
+  state, summary = train(job, state)
+  results, reports = evaluate(job, state)
+  out = {**results, "report": {"splits": reports, "text_only": job.text_only, **summary,
+                               "split_counts": job.splits.counts, "params": counts,
+                               "layout": dataclasses.asdict(job.builder.layout)}}
+  if job.is_main:
+    (job.workdir / "metrics.json").write_text(json.dumps(out, indent=2, default=_to_python))
     print(_format_table(results))
-    print(f"wrote {workdir / 'metrics.json'}")
+    print(f"wrote {job.workdir / 'metrics.json'}")
   return out

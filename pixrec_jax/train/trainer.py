@@ -79,7 +79,7 @@ class Trainer:
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     if self.schedule is not None:
       metrics["lr"] = self.schedule(state.step)
     return TrainState(state.step + 1, params, state.frozen, opt_state), metrics
