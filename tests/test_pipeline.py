@@ -140,3 +140,20 @@ def test_eval_batches_cover_every_item_once_in_order(image_builder, small_datase
     seen.append(batch["valid"])
   valid = np.concatenate(seen)
   assert valid.sum() == small_dataset.num_items and valid[:small_dataset.num_items].all()
+
+
+def test_worker_processes_give_the_same_batches_and_resume(text_builder, small_splits):
+  # Randomness is derived from the seed and each element's index, never from which
+  # worker made it, so the worker count changes speed only.
+  single = _first_batches(text_builder, small_splits, seed=4, n=4)
+  it = iter(pipeline.train_dataset(small_splits.train, text_builder, batch_size=8, seed=4, num_workers=2))
+  multi = [next(it) for _ in range(2)]
+  state = it.get_state()
+  multi += [next(it) for _ in range(2)]
+  for x, y in zip(single, multi):
+    assert all(np.array_equal(x[k], y[k]) for k in x)
+  resumed = iter(pipeline.train_dataset(small_splits.train, text_builder, batch_size=8, seed=4, num_workers=2))
+  resumed.set_state(state)
+  for want in single[2:]:
+    got = next(resumed)
+    assert all(np.array_equal(want[k], got[k]) for k in want)

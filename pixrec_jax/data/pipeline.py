@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
+from absl import flags
 
 from pixrec_jax.data.examples import PromptBuilder
 
@@ -67,6 +68,14 @@ class _BuildTrainExample(grain.transforms.Map):
     return out
 
 
+def _multiprocess(it: grain.IterDataset, options: grain.MultiprocessingOptions) -> grain.IterDataset:
+  # grain's worker start-up reads absl flags; a library caller (a notebook, a test)
+  # never parsed any, so take the defaults instead of failing.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return it.mp_prefetch(options)
+
+
 def split_bookkeeping(batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
   """(model inputs, bookkeeping fields) of a training batch."""
   inputs = {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
@@ -89,7 +98,7 @@ def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilde
   ds = ds.batch(batch_size, drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if num_workers else 1, prefetch_buffer_size=prefetch_buffer))
   if num_workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch_buffer))
+    it = _multiprocess(it, grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch_buffer))
   return it
 
 
@@ -113,7 +122,7 @@ def _eval_dataset(keys: Sequence[Any], make, batch_size: int, num_workers: int) 
   ds = grain.MapDataset.source(padded).map_with_index(_BuildEvalExample(make, len(keys))).batch(batch_size)
   it = ds.to_iter_dataset()
   if num_workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    it = _multiprocess(it, grain.MultiprocessingOptions(num_workers=num_workers))
   return it
 
 
