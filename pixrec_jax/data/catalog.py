@@ -402,3 +402,79 @@ def leave_one_out(dataset: Dataset) -> Splits:
       "test_cases": len(test),
   }
   return Splits(train=train, valid=valid, test=test, counts=counts)
+
+
+SPLIT_CASES = ("all", "first")
+
+
+def timestamp_split(
+    dataset: Dataset, valid_start_ms: int, test_start_ms: int, cases: str = "all"
+) -> Splits:
+  """Absolute-time splits, as the Amazon Reviews 2023 benchmark defines them.
+
+  Every interaction belongs to the period its timestamp falls in: train
+  (-inf, valid_start_ms), valid [valid_start_ms, test_start_ms), test
+  [test_start_ms, +inf); one cut for all users, so nothing after a cut can inform
+  what is predicted before it. For a user with items i_1..i_n in time order:
+  - the training sequence is the user's items before valid_start_ms, kept only if
+    it has at least 2 items (a window needs one history item and a target).
+    Windows are drawn only from it, so no valid or test interaction is ever a
+    training target or in a training history.
+  - cases="all": every valid-period interaction i_j is a valid case predicting i_j
+    from i_1..i_{j-1}, and likewise every test-period interaction a test case (the
+    benchmark's `timestamp_w_his` files). cases="first": only the user's first
+    predictable interaction in each period, one case per user and split as in
+    leave-one-out. Histories include earlier interactions of the same period and, for test, the
+    valid period: at prediction time they are the past.
+  - a user's very first interaction, if it falls in the valid or test period, is
+    skipped and counted: there is nothing to predict it from.
+
+  Args:
+    dataset: the dataset to split.
+    valid_start_ms: the first millisecond of the validation period.
+    test_start_ms: the first millisecond of the test period; >= valid_start_ms.
+    cases: "all" or "first", see above.
+
+  Returns:
+    Splits with user indices into `dataset.users`; arrays are views of the user's
+    items. `counts` holds users, train_users, train_interactions, valid_cases,
+    test_cases, valid_users, test_users, valid_skipped_no_history and
+    test_skipped_no_history.
+  """
+  if valid_start_ms > test_start_ms:
+    raise ValueError(f"valid_start_ms {valid_start_ms} is after test_start_ms {test_start_ms}")
+  if cases not in SPLIT_CASES:
+    raise ValueError(f"cases must be one of {SPLIT_CASES}, got {cases!r}")
+  train, valid, test = [], [], []
+  skipped = {"valid": 0, "test": 0}
+  users_with = {"valid": 0, "test": 0}
+  train_interactions = 0
+  for index, user in enumerate(dataset.users):
+    items = user.items
+    # Timestamps are sorted, so each period is one contiguous run of positions.
+    valid_from, test_from = (
+        int(p) for p in np.searchsorted(user.timestamps, [valid_start_ms, test_start_ms], side="left"))
+    if valid_from >= 2:
+      train.append((index, items[:valid_from]))
+      train_interactions += valid_from
+    for name, start, stop, out in (("valid", valid_from, test_from, valid), ("test", test_from, len(items), test)):
+      if start == 0 < stop:
+        skipped[name] += 1  # The user's first interaction: no history to predict it from.
+      positions = range(max(start, 1), stop)
+      if cases == "first":
+        positions = positions[:1]
+      for position in positions:
+        out.append(EvalCase(user_index=index, history=items[:position], target=int(items[position])))
+      users_with[name] += len(positions) > 0
+  counts = {
+      "users": len(dataset.users),
+      "train_users": len(train),
+      "train_interactions": train_interactions,
+      "valid_cases": len(valid),
+      "test_cases": len(test),
+      "valid_users": users_with["valid"],
+      "test_users": users_with["test"],
+      "valid_skipped_no_history": skipped["valid"],
+      "test_skipped_no_history": skipped["test"],
+  }
+  return Splits(train=train, valid=valid, test=test, counts=counts)
