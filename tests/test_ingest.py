@@ -374,7 +374,7 @@ def test_cli_and_split_from_manifest(tmp_path, capsys):
   assert dataset.manifest["name"] == "Toys"
   assert dataset.manifest["options"]["split"] == "timestamp"
   assert all(item.image is None for item in dataset.items)
-  splits = ingest.dataset_splits(dataset)
+  splits = catalog.dataset_splits(dataset)
   assert [(u, s.tolist()) for u, s in splits.train] == [(0, [0, 1])]
   assert [(c.user_index, c.target) for c in splits.valid] == [(0, 2), (1, 2)]
   assert [(c.user_index, c.target) for c in splits.test] == [(0, 3)]

@@ -478,3 +478,22 @@ def timestamp_split(
       "test_skipped_no_history": skipped["test"],
   }
   return Splits(train=train, valid=valid, test=test, counts=counts)
+
+
+SPLITS = ("leave_one_out", "timestamp")
+
+
+def dataset_splits(dataset: Dataset) -> Splits:
+  """The splits a dataset's manifest asks for (options["split"]); leave-one-out if it names none."""
+  options = dataset.manifest.get("options", {})
+  split = options.get("split", "leave_one_out")
+  if split == "leave_one_out":
+    return leave_one_out(dataset)
+  if split == "timestamp":
+    for key in ("split_valid_start_ms", "split_test_start_ms"):
+      if not isinstance(options.get(key), int):
+        raise DatasetError(f"{dataset.path / MANIFEST}: options name the timestamp split but key {key!r} is "
+                           f"{options.get(key)!r}, expected an integer (milliseconds)")
+    return timestamp_split(dataset, options["split_valid_start_ms"], options["split_test_start_ms"],
+                           options.get("split_cases", "all"))
+  raise DatasetError(f"{dataset.path / MANIFEST}: options name split {split!r}, not one of {SPLITS}")

@@ -44,7 +44,7 @@ item core, only items with a MAIN image (no fallback), the `large` URL first
 (their files name the large images). Without a preset: 5-core, items without a
 picture dropped, MAIN else the first image.
 
-Splits are made at load time from the dataset: `dataset_splits` reads
+Splits are made at load time from the dataset: `catalog.dataset_splits` reads
 manifest["options"]["split"]: "leave_one_out" (catalog.leave_one_out) or
 "timestamp" (catalog.timestamp_split at split_valid_start_ms and
 split_test_start_ms, the benchmark's cuts by default, with split_cases).
@@ -98,7 +98,7 @@ BENCHMARK_TEST_START_MS = 1658002729837
 
 # What Item.fields holds; templates may name any of these.
 FIELDS = ("parent_asin", "title", "main_category", "brand", "price", "store", "categories")
-SPLITS = ("leave_one_out", "timestamp")
+SPLITS = catalog.SPLITS
 MISSING_IMAGE_MODES = ("drop", "placeholder", "none")
 IMAGE_FALLBACKS = ("first", "none")
 IMAGE_URL_KEYS = ("hi_res", "large", "thumb")
@@ -763,18 +763,6 @@ def ingest(
   out.mkdir(parents=True, exist_ok=True)
   _build(out, options, pathlib.Path(image_cache) if image_cache is not None else None, workers, progress)
   return catalog.load_dataset(out)
-
-
-def dataset_splits(dataset: catalog.Dataset) -> catalog.Splits:
-  """The splits a dataset's manifest asks for: options["split"], leave-one-out if absent."""
-  options = dataset.manifest.get("options", {})
-  split = options.get("split", "leave_one_out")
-  if split == "leave_one_out":
-    return catalog.leave_one_out(dataset)
-  if split == "timestamp":
-    return catalog.timestamp_split(dataset, options["split_valid_start_ms"], options["split_test_start_ms"],
-                                   options.get("split_cases", "all"))
-  raise catalog.DatasetError(f"{dataset.path}: manifest options name split {split!r}, not one of {SPLITS}")
 
 
 def _parser() -> argparse.ArgumentParser:
