@@ -58,6 +58,7 @@ def get_config(arg=None):
   c.data.template = prompts.ITEM_TEMPLATE
   c.data.max_history = 5
   c.data.max_item_tokens = 0  # 0: the longest item text of the catalogue
+  c.data.max_image_tiles = 0  # with model.path: split tiles per image at most (0: the processor's bound)
   c.data.num_workers = 0  # grain worker processes (0: in the main process)
 
   c.train = ml_collections.ConfigDict()

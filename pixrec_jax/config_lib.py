@@ -3,7 +3,9 @@
 A config file is a Python module with `get_config(arg: str | None) -> ConfigDict`;
 `--config path.py:arg` passes `arg` (comma-separated options, e.g. `text_only`).
 `--config.train.steps=200` overrides one leaf, parsed to the type the leaf already
-has. A key that does not exist fails and lists the keys that do.
+has. A key that does not exist fails and lists the keys that do. A config may list
+dotted keys in `required` (e.g. `("data.path", "model.path")`): the job refuses to
+start while any of them is empty, naming it.
 """
 
 from __future__ import annotations
@@ -105,6 +107,22 @@ def override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
       node = node[part]
 
 
+def check_required(cfg: ml_collections.ConfigDict) -> None:
+  """Fails naming every key listed in `cfg.required` whose value is still empty."""
+  missing = []
+  for key in cfg.get("required", ()):
+    node = cfg
+    for part in key.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise ConfigError(f"required lists {key!r}, which is not a config key")
+      node = node[part]
+    if node is None or node == "":
+      missing.append(key)
+  if missing:
+    raise ConfigError("required config field(s) empty: " + ", ".join(missing) + "; set "
+                      + " ".join(f"--config.{k}=..." for k in missing))
+
+
 def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, pathlib.Path | None]:
   """(config with overrides applied, workdir or None) from command-line arguments."""
   spec, workdir, overrides = None, None, []
@@ -138,4 +156,5 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, pathlib.
   cfg = load_config_file(spec)
   for key, value in overrides:
     override(cfg, key, value)
+  check_required(cfg)
   return cfg, pathlib.Path(workdir) if workdir else None

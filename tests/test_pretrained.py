@@ -1,5 +1,7 @@
 """Training PixRec on a local Hugging Face checkpoint: the weights load onto the model."""
 
+import json
+
 import numpy as np
 import transformers
 
@@ -8,6 +10,7 @@ from pixrec_jax.convert.hf import param_table
 from pixrec_jax.convert.safetensors_io import CheckpointReader
 from pixrec_jax.train import run
 from tests import hf_fixtures as fx
+from tests import processor_fixtures as pf
 
 
 def _checkpoint(tmp_path, tokenizer):
@@ -22,6 +25,11 @@ def _checkpoint(tmp_path, tokenizer):
   path = tmp_path / "ckpt"
   fx.build_and_save(config, path)
   tokenizer.save_pretrained(path)
+  # The processor files as SmolVLM checkpoints ship them; no splitting, since the word
+  # tokenizer has no tile tokens.
+  pf.image_processor(max_image_size={"longest_edge": 32}, size={"longest_edge": 32},
+                     do_image_splitting=False).save_pretrained(path)
+  (path / "processor_config.json").write_text(json.dumps({"image_seq_len": 4, "processor_class": "Idefics3Processor"}))
   return path
 
 

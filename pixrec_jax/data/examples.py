@@ -3,8 +3,16 @@
 A prompt is a sequence of text runs and image blocks. Each text run is tokenised
 as one string, so its ids equal what the Hugging Face processor gives for the
 same text (the image tokens, being special tokens, split runs apart there too).
-An image block is the Idefics3 layout without tiling:
-`<fake_token_around_image><global-img>` + `<image>` x image_seq_len + `<fake_token_around_image>`.
+An image block is what Idefics3Processor puts in place of `<image>`, with
+F = `<fake_token_around_image>`, I = `<image>` x image_seq_len and a grid of
+rows x cols split tiles (images.py):
+  no split:  F `<global-img>` I F
+  split:     for each row r: (F `<row_r_col_c>` I for each column c) then "\n";
+             then "\n" F `<global-img>` I F
+The newlines are text, tokenised by the tokenizer ("\n\n" before the global
+image may be one token). Image slots follow token order: each shown image's
+tiles row by row, then its global image, packed from slot 0 and padded to a
+static count (Layout.image_slots per image).
 
 The user segment (history + separator) and the target segment (target text +
 image) are tokenised separately, so the user segment a model sees in training is
@@ -35,16 +43,18 @@ class Layout:
   max_item_tokens: int  # text tokens kept per item
   seq_len: int  # full prompt: user + target segment
   item_len: int  # an item read alone
-  image_seq_len: int  # tokens per image; 0 for text-only
-  image_size: int
+  image_seq_len: int  # tokens per image tile; 0 for text-only
+  image_size: int  # tile side in pixels
+  max_image_tiles: int = 0  # split tiles per image at most (0: no splitting); the global image is extra
 
   @property
   def text_only(self) -> bool:
     return self.image_seq_len == 0
 
   @property
-  def image_block_len(self) -> int:
-    return 0 if self.text_only else self.image_seq_len + 3
+  def image_slots(self) -> int:
+    """Image slots one image may fill: its split tiles and its global image."""
+    return 0 if self.text_only else self.max_image_tiles + 1
 
 
 def _round_up(n: int, multiple: int = 8) -> int:
@@ -65,17 +75,43 @@ class PromptBuilder:
     # What the tokenizer adds in front of a sequence by itself (a BOS token, or nothing).
     self.prefix = list(tokenizer("", add_special_tokens=True)["input_ids"])
     if not layout.text_only:
+      if images.spec.size != layout.image_size or images.spec.tile_budget > layout.max_image_tiles:
+        raise ValueError(f"the image store makes {images.spec.size} px tiles, up to {images.spec.tile_budget} per "
+                         f"image, but the layout has {layout.image_size} px and {layout.max_image_tiles}")
       fake, glob, image = (_special_id(tokenizer, t) for t in (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN))
       self.image_token_id = image
-      self.image_block = [fake, glob] + [image] * layout.image_seq_len + [fake]
+      self._tile = [image] * layout.image_seq_len
+      self._global_block = [fake, glob] + self._tile + [fake]
+      self._fake = fake
+      self._row_break = _text_ids(tokenizer, "\n")
+      self._global_break = _text_ids(tokenizer, "\n\n")
+      self._blocks: dict[tuple[int, int], list[int]] = {}
+
+  def image_block(self, rows: int, cols: int) -> list[int]:
+    """Token ids that stand for an image split into rows x cols tiles (0 x 0: not split)."""
+    block = self._blocks.get((rows, cols))
+    if block is None:
+      block = []
+      for r in range(1, rows + 1):
+        for c in range(1, cols + 1):
+          block += [self._fake, _special_id(self.tokenizer, f"<row_{r}_col_{c}>")] + self._tile
+        # The last row's newline and the one before the global image are one text run.
+        block += self._row_break if r < rows else self._global_break
+      block += self._global_block
+      self._blocks[(rows, cols)] = block
+    return block
+
+  def _item_block(self, item: int) -> list[int]:
+    return self.image_block(*self.images.grid(item))
 
   # -- sizing ------------------------------------------------------------------
 
   @staticmethod
   def plan(tokenizer, item_texts: Sequence[str], *, max_history: int, image_seq_len: int, image_size: int,
-           max_item_tokens: int = 0, sample: int = 20000, seed: int = 0) -> Layout:
-    """A Layout large enough for max_history items; max_item_tokens=0 measures the catalogue
-    (up to `sample` items) and keeps its longest text whole."""
+           max_image_tiles: int = 0, max_item_tokens: int = 0, sample: int = 20000, seed: int = 0) -> Layout:
+    """A Layout large enough for max_history items, each with an image of up to max_image_tiles
+    split tiles; max_item_tokens=0 measures the catalogue (up to `sample` items) and keeps its
+    longest text whole."""
     if max_item_tokens <= 0:
       idx = np.arange(len(item_texts))
       if len(idx) > sample:
@@ -85,11 +121,16 @@ class PromptBuilder:
     phrase = {p: len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts.PROMPT_PHRASES}
     prefix = len(tokenizer("", add_special_tokens=True)["input_ids"])
     block = image_seq_len + 3 if image_seq_len else 0
+    if image_seq_len and max_image_tiles:
+      # The longest block: every tile in its own row, so one newline run per row.
+      block += max_image_tiles * (image_seq_len + 2) + (max_image_tiles - 1) * len(_text_ids(tokenizer, "\n")) \
+          + len(_text_ids(tokenizer, "\n\n"))
     per_item = max_item_tokens + block + 2  # +2: a run may split one more token at its joins
     user = prefix + phrase[prompts.HISTORY_INTRO] + (max_history - 1) * phrase[prompts.HISTORY_NEXT] \
         + phrase[prompts.TARGET_SEPARATOR] + max_history * per_item
     return Layout(max_history=max_history, max_item_tokens=max_item_tokens, seq_len=_round_up(user + per_item),
-                  item_len=_round_up(prefix + per_item), image_seq_len=image_seq_len, image_size=image_size)
+                  item_len=_round_up(prefix + per_item), image_seq_len=image_seq_len, image_size=image_size,
+                  max_image_tiles=max_image_tiles if image_seq_len else 0)
 
   # -- tokenisation ----------------------------------------------------------------
 
@@ -126,7 +167,7 @@ class PromptBuilder:
     for k, item in enumerate(history):
       parts += [(prompts.HISTORY_INTRO if k == 0 else prompts.HISTORY_NEXT, False), (self.item_texts[item], True)]
       if self._has_image(item):
-        ids += self._run(parts)[0] + self.image_block
+        ids += self._run(parts)[0] + self._item_block(item)
         shown.append(item)
         parts = []
     parts.append((prompts.TARGET_SEPARATOR, False))
@@ -137,7 +178,8 @@ class PromptBuilder:
     """Token ids of the target segment and, per id, whether it is target text."""
     ids, is_text = self._run([(self.item_texts[item], True)])
     if self._has_image(item):
-      ids, is_text = ids + self.image_block, is_text + [False] * len(self.image_block)
+      block = self._item_block(item)
+      ids, is_text = ids + block, is_text + [False] * len(block)
     return ids, is_text
 
   # -- examples ----------------------------------------------------------------
@@ -153,12 +195,16 @@ class PromptBuilder:
     return out, mask
 
   def _images(self, items: Sequence[int], slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """The items' tiles in token order, packed from slot 0; the rest are zero and not valid."""
     size = self.layout.image_size
     pixels = np.zeros((slots, 3, size, size), np.float32)
     valid = np.zeros((slots,), bool)
-    for i, item in enumerate(items):
-      pixels[i] = self.images.get(item)
-      valid[i] = True
+    used = 0
+    for item in items:
+      tiles = self.images.get(item).pixels
+      pixels[used:used + len(tiles)] = tiles
+      valid[used:used + len(tiles)] = True
+      used += len(tiles)
     return pixels, valid
 
   def item_example(self, item: int) -> dict[str, np.ndarray]:
@@ -167,7 +213,8 @@ class PromptBuilder:
     out = {}
     out["item_ids"], out["item_mask"] = self._pad(self.prefix + ids, self.layout.item_len, f"item {item}")
     if not self.layout.text_only:
-      out["item_images"], out["item_image_valid"] = self._images([item] if self._has_image(item) else [], 1)
+      out["item_images"], out["item_image_valid"] = self._images([item] if self._has_image(item) else [],
+                                                                 self.layout.image_slots)
     return out
 
   def user_example(self, history: Sequence[int]) -> dict[str, np.ndarray]:
@@ -177,7 +224,8 @@ class PromptBuilder:
     out = {}
     out["user_ids"], out["user_mask"] = self._pad(ids, self.layout.seq_len, "user prompt")
     if not self.layout.text_only:
-      out["user_images"], out["user_image_valid"] = self._images(shown, self.layout.max_history)
+      out["user_images"], out["user_image_valid"] = self._images(shown, self.layout.max_history
+                                                                 * self.layout.image_slots)
     return out
 
   def train_example(self, history: Sequence[int], target: int) -> dict[str, np.ndarray]:
@@ -209,10 +257,11 @@ class PromptBuilder:
         "target_item": np.int32(target), "dropped_history": np.int32(dropped),
     }
     if not self.layout.text_only:
-      slots = self.layout.max_history + 1
+      slots = (self.layout.max_history + 1) * self.layout.image_slots
       items = shown + ([target] if self._has_image(target) else [])
       out["images"], out["image_valid"] = self._images(items, slots)
-      out["target_slot"] = np.int32(len(shown))
+      # The target's tiles are the valid slots from here on (see PixRec.train_outputs).
+      out["target_slot"] = np.int32(sum(r * c + 1 for r, c in map(self.images.grid, shown)))
     return out
 
 
@@ -221,6 +270,10 @@ def _special_id(tokenizer, token: str) -> int:
   if tid is None or tid == tokenizer.unk_token_id:
     raise ValueError(f"the tokenizer has no {token!r} token, which the image prompt layout needs")
   return int(tid)
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+  return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _pad_id(tokenizer) -> int:

@@ -11,9 +11,9 @@ Batch layout (numpy/jax arrays, static shapes; B examples, M image slots):
   nig_positions            (B, K)  positions whose next token is a target text token
   nig_labels, nig_weights  (B, K)  those next tokens; 0 weight for padding slots
   item_ids, item_mask      (B, S_item) the target item alone
-  images                   (B, M, C, H, W) history images then the target image
-  image_valid              (B, M)  which slots hold an image
-  target_slot              (B,)    the slot of the target image
+  images                   (B, M, C, H, W) image tiles in token order: the history's, then the target's
+  image_valid              (B, M)  which slots hold a tile
+  target_slot              (B,)    the target image's first slot; its tiles are the valid slots from there on
   target_item              (B,)    the target's item id (for false negatives)
 Text-only batches have no images, image_valid or target_slot.
 """
@@ -93,7 +93,8 @@ class PixRec(nnx.Module):
     return self.user_proj(pool(hidden, user_mask, self.heads.pooling))
 
   def item_embedding(self, ids, mask, images=None, image_valid=None, feats=None) -> jax.Array:
-    """item_proj(v_T) for items read alone. images (B, 1, C, H, W) or precomputed feats (B, 1, T, D)."""
+    """item_proj(v_T) for items read alone. images (B, P, C, H, W) or precomputed feats (B, P, T, D);
+    the valid slots' features fill the image tokens in order."""
     if not self.heads.text_only and feats is None:
       feats = self.encode_images(images)
     hidden = self._hidden(ids, mask, None if self.heads.text_only else feats, image_valid)
@@ -110,9 +111,11 @@ class PixRec(nnx.Module):
     v_tu = pool(hidden, batch["target_mask"], self.heads.pooling)
     target_feats = target_valid = None
     if feats is not None:
-      slot = batch["target_slot"]
-      target_feats = jnp.take_along_axis(feats, slot[:, None, None, None], axis=1)
-      target_valid = jnp.take_along_axis(batch["image_valid"], slot[:, None], axis=1)
+      # The target's tiles come last among the valid slots; masking the history's out lets the
+      # item pass reuse every feature row in place, whatever its tile count.
+      slots = jnp.arange(feats.shape[1])
+      target_feats = feats
+      target_valid = batch["image_valid"] & (slots[None, :] >= batch["target_slot"][:, None])
     item = self.item_embedding(batch["item_ids"], batch["item_mask"], image_valid=target_valid, feats=target_feats)
     return {
         "nig_logits": nig_logits,

@@ -14,12 +14,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import transformers
 from flax import nnx
 from tqdm import tqdm
 
+from pixrec_jax import config_lib
 from pixrec_jax import sharding as shd
 from pixrec_jax.convert import hf
+from pixrec_jax.data import processors
 from pixrec_jax.data import catalog, examples, images, pipeline, synthetic
 from pixrec_jax.eval import ranking
 from pixrec_jax.models.backbone import Backbone
@@ -52,7 +53,15 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, dataset: catalog.Dataset):
   if not path:
     raise ValueError("no tokenizer: set model.path to a local Hugging Face checkpoint directory "
                      "(the dataset ships none)")
-  return transformers.AutoTokenizer.from_pretrained(str(path))
+  return processors.load_tokenizer(path)
+
+
+def image_spec(cfg: ml_collections.ConfigDict, bcfg: BackboneConfig) -> images.ImageSpec:
+  """The checkpoint's image processing (model.path), or (random init) one tile at the tower's size."""
+  if not cfg.model.path:
+    return images.ImageSpec(bcfg.vision.image_size)
+  return processors.image_spec_for(cfg.model.path, tile_size=bcfg.vision.image_size,
+                                   image_seq_len=bcfg.image_seq_len, max_tiles=cfg.data.get("max_image_tiles", 0))
 
 
 def backbone_config(cfg: ml_collections.ConfigDict, tokenizer) -> BackboneConfig:
@@ -122,6 +131,7 @@ class Job:
 
 def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
   """Data, tokenizer, prompt layout, mesh, model and optimiser."""
+  config_lib.check_required(cfg)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
@@ -134,13 +144,15 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
   text_only = bool(cfg.pixrec.text_only)
   item_texts = [dataset.item_text(i, cfg.data.template) for i in range(dataset.num_items)]
   image_size = bcfg.vision.image_size if bcfg.is_vlm else 0
+  spec = image_spec(cfg, bcfg) if bcfg.is_vlm and not text_only else None
   layout = examples.PromptBuilder.plan(tokenizer, item_texts, max_history=cfg.data.max_history,
                                        image_seq_len=0 if text_only else bcfg.image_seq_len, image_size=image_size,
+                                       max_image_tiles=spec.tile_budget if spec else 0,
                                        max_item_tokens=cfg.data.max_item_tokens)
   store = None
-  if not text_only:
+  if spec:
     paths = [dataset.image_path(i) for i in range(dataset.num_items)]
-    store = images.ImageStore(paths, images.ImageSpec(image_size))
+    store = images.ImageStore(paths, spec)
   builder = examples.PromptBuilder(tokenizer, item_texts, store, layout)
 
   mesh = shd.make_mesh(**cfg.mesh.to_dict())
