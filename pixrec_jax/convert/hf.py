@@ -2,14 +2,21 @@
 
 `param_table(cfg)` lists every parameter of a backbone as (Hugging Face name, our
 state path, transform). Import reads the checkpoint's safetensors through it,
-export (see `pixrec_jax.convert`) writes through it in the other direction, so the
-two cannot disagree.
+export (`to_hf_tensors`, `save_pretrained`) writes through it in the other
+direction, so the two cannot disagree.
+
+The table uses the names of the checkpoints published on the Hub. Writers that
+name the same tensors differently (transformers 5 saves PaliGemma's as
+`vision_tower.embeddings...`, its in-memory names are `model.language_model...`)
+are read through `ALIASES`, which maps their names onto the table's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
+import re
 from typing import Callable
 
 import jax
@@ -18,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from pixrec_jax import sharding as shd
-from pixrec_jax.convert.safetensors_io import CheckpointReader
+from pixrec_jax.convert.safetensors_io import CheckpointReader, save_file
 from pixrec_jax.models.backbone import Backbone
 from pixrec_jax.models.config import BackboneConfig, Runtime
 
@@ -75,6 +82,14 @@ def _vision_entries(cfg: BackboneConfig, hf: str) -> list[Entry]:
   return out
 
 
+# Per decoder layer, the RMSNorms of each text family (Gemma2 adds a pair around the MLP).
+_LAYER_NORMS = {
+    "llama": ("input_layernorm", "post_attention_layernorm"),
+    "gemma2": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+               "post_feedforward_layernorm"),
+}
+
+
 def _text_entries(cfg: BackboneConfig, hf: str) -> list[Entry]:
   t = cfg.text
   root = ("text_model",)
@@ -85,15 +100,21 @@ def _text_entries(cfg: BackboneConfig, hf: str) -> list[Entry]:
       out += _linear(f"{h}.self_attn.{proj}", p + ("self_attn", proj), bias=t.attention_bias)
     for proj in ("gate_proj", "up_proj", "down_proj"):
       out += _linear(f"{h}.mlp.{proj}", p + ("mlp", proj), bias=t.mlp_bias)
-    out.append(Entry(f"{h}.input_layernorm.weight", p + ("input_layernorm", "weight"), IDENTITY))
-    out.append(Entry(f"{h}.post_attention_layernorm.weight", p + ("post_attention_layernorm", "weight"), IDENTITY))
+    for norm in _LAYER_NORMS[t.model_type]:
+      out.append(Entry(f"{h}.{norm}.weight", p + (norm, "weight"), IDENTITY))
   out.append(Entry(f"{hf}.norm.weight", root + ("norm", "weight"), IDENTITY))
   return out
 
 
 def param_table(cfg: BackboneConfig) -> list[Entry]:
   """Every parameter of the backbone for `cfg`, with its Hugging Face name."""
-  if cfg.is_vlm:
+  head = "lm_head.weight"
+  if cfg.model_type == "paligemma":
+    out = _vision_entries(cfg, "vision_tower.vision_model")
+    out += _linear("multi_modal_projector.linear", ("connector", "linear"), bias=True)
+    out += _text_entries(cfg, "language_model.model")
+    head = "language_model.lm_head.weight"
+  elif cfg.is_vlm:
     out = _vision_entries(cfg, "model.vision_model")
     out.append(Entry("model.connector.modality_projection.proj.weight",
                      ("connector", "modality_projection", "proj", "kernel"), LINEAR))
@@ -101,12 +122,35 @@ def param_table(cfg: BackboneConfig) -> list[Entry]:
   else:
     out = _text_entries(cfg, "model")
   if not cfg.text.tie_word_embeddings:
-    out.append(Entry("lm_head.weight", ("lm_head", "kernel"), LINEAR))
+    out.append(Entry(head, ("lm_head", "kernel"), LINEAR))
   return out
 
 
+# Other writers' names -> the table's, per model type: (pattern, replacement), first match wins.
+ALIASES: dict[str, tuple[tuple[str, str], ...]] = {
+    "paligemma": (
+        (r"^model\.language_model\.", "language_model.model."),
+        (r"^model\.vision_tower\.(vision_model\.)?", "vision_tower.vision_model."),
+        (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
+        (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+        (r"^lm_head\.", "language_model.lm_head."),
+    ),
+}
+
 # Buffers Hugging Face may save that are recomputed here, not parameters.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Tensors a checkpoint may hold that the model never reads: SigLIP's attention-pooling
+# head, saved when a PaliGemma config leaves vision_use_head at SigLIP's default.
+_IGNORED_PREFIXES = {"paligemma": ("vision_tower.vision_model.head.",)}
+
+
+def canonical_name(cfg: BackboneConfig, name: str) -> str:
+  """A checkpoint tensor's name as `param_table` spells it."""
+  for pattern, replacement in ALIASES.get(cfg.model_type, ()):
+    renamed, hits = re.subn(pattern, replacement, name)
+    if hits:
+      return renamed
+  return name
 
 
 def abstract_backbone(cfg: BackboneConfig, rt: Runtime):
@@ -127,21 +171,23 @@ def load_state(reader: CheckpointReader, cfg: BackboneConfig, rt: Runtime, abstr
   """Fills an abstract backbone state from checkpoint tensors, checking names and shapes."""
   table = param_table(cfg)
   expected = {e.hf_name for e in table}
-  present = set(reader.keys())
+  stored = {canonical_name(cfg, n): n for n in reader.keys()}
+  present = set(stored)
   missing = sorted(expected - present)
   if missing:
     raise ValueError(f"{reader.directory}: checkpoint lacks {len(missing)} parameters the config needs, "
                      f"e.g. {missing[:5]}")
-  tied_head = cfg.text.tie_word_embeddings and "lm_head.weight" in present
+  tied_heads = {"lm_head.weight", "language_model.lm_head.weight"} if cfg.text.tie_word_embeddings else set()
+  ignored = _IGNORED_PREFIXES.get(cfg.model_type, ())
   unexpected = sorted(n for n in present - expected
-                      if not n.endswith(_IGNORED_SUFFIXES) and not (tied_head and n == "lm_head.weight"))
+                      if not n.endswith(_IGNORED_SUFFIXES) and not n.startswith(ignored) and n not in tied_heads)
   if unexpected:
     raise ValueError(f"{reader.directory}: checkpoint has {len(unexpected)} tensors this architecture does not use, "
                      f"e.g. {unexpected[:5]}")
   dtype = rt.params_dtype
   for entry in table:
     var = _leaf(abstract_state, entry.path)
-    value = entry.transform.to_ours(reader.get(entry.hf_name))
+    value = entry.transform.to_ours(reader.get(stored[entry.hf_name]))
     if tuple(value.shape) != tuple(var.shape):
       raise ValueError(f"{reader.directory}: {entry.hf_name} has shape {tuple(value.shape)} after the "
                        f"{entry.transform.name} transform, expected {tuple(var.shape)} for {'/'.join(map(str, entry.path))}")
@@ -172,3 +218,12 @@ def to_hf_tensors(model: Backbone) -> dict[str, np.ndarray]:
   state = nnx.state(model, nnx.Param)
   return {e.hf_name: np.asarray(e.transform.to_hf(np.asarray(_leaf(state, e.path)[...], dtype=np.float32)))
           for e in param_table(model.cfg)}
+
+
+def save_pretrained(model: Backbone, path: str | pathlib.Path) -> pathlib.Path:
+  """Writes config.json and model.safetensors (float32) that `transformers` and `from_pretrained` load."""
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(json.dumps(model.cfg.to_hf_dict(), indent=2))
+  save_file(to_hf_tensors(model), path / "model.safetensors")
+  return path

@@ -1,8 +1,12 @@
-"""The backbone: a SmolVLM-family vision-language model, or a text-only Llama.
+"""The backbone: a vision-language model (SmolVLM, PaliGemma 2), or a text-only Llama.
 
-Module and attribute names match the Hugging Face checkpoint names
-(`vision_model`, `connector.modality_projection.proj`, `text_model`, `lm_head`),
-so the conversion table in `pixrec_jax.convert.hf` stays short.
+The four top-level slots are named by role, the same for every family, so that
+PixRec, the training filters and the sharding rules address them alike:
+`vision_model`, `connector` (vision features -> text width), `text_model` and
+`lm_head` (absent when tied). Inside each slot, names follow the Hugging Face
+modules (`connector.modality_projection.proj` for SmolVLM, `connector.linear` for
+PaliGemma's `multi_modal_projector.linear`), so the conversion table in
+`pixrec_jax.convert.hf` stays short.
 
 Called with Hugging Face's argument names and shapes, `Backbone` returns logits
 and last hidden states; PixRec uses its pieces (`image_features`, `embed`,
@@ -21,6 +25,7 @@ from flax import nnx
 
 from pixrec_jax.models import layers
 from pixrec_jax.models.config import BackboneConfig, Runtime
+from pixrec_jax.models.gemma2 import Gemma2Model
 from pixrec_jax.models.llama import LlamaModel
 from pixrec_jax.models.siglip import VisionTransformer
 
@@ -62,6 +67,21 @@ class Connector(nnx.Module):
     return self.modality_projection(pixel_shuffle(x, self.scale_factor))
 
 
+class MultiModalProjector(nnx.Module):
+  """PaliGemma's connector: one linear map (with bias) from SigLIP's width to the text width.
+
+  In transformers 5.24 the image features are not rescaled: the sqrt(hidden) scale
+  of Gemma's embeddings applies to looked-up tokens only, never to image rows.
+  """
+
+  def __init__(self, cfg: BackboneConfig, rt: Runtime, rngs: nnx.Rngs):
+    self.linear = layers.Linear(cfg.vision.hidden_size, cfg.text.hidden_size, axes=("proj", "embed"), use_bias=True,
+                                dtype=rt.compute_dtype, param_dtype=rt.params_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.linear(x)
+
+
 def merge_image_features(input_ids: jax.Array, text_embeds: jax.Array, image_features: jax.Array,
                          image_valid: jax.Array, image_token_id: int) -> jax.Array:
   """Writes image features at the image-token positions, in order.
@@ -99,10 +119,12 @@ class Backbone(nnx.Module):
     cfg.validate()
     self.cfg = cfg
     self.runtime = rt
+    paligemma = cfg.model_type == "paligemma"
     if cfg.is_vlm:
-      self.vision_model = VisionTransformer(cfg.vision, rt, rngs)
-      self.connector = Connector(cfg, rt, rngs)
-    self.text_model = LlamaModel(cfg.text, rt, rngs)
+      self.vision_model = VisionTransformer(cfg.vision, rt, rngs, variable_size=not paligemma)
+      self.connector = MultiModalProjector(cfg, rt, rngs) if paligemma else Connector(cfg, rt, rngs)
+    decoder = Gemma2Model if cfg.text.model_type == "gemma2" else LlamaModel
+    self.text_model = decoder(cfg.text, rt, rngs)
     if not cfg.text.tie_word_embeddings:
       self.lm_head = layers.Linear(cfg.text.hidden_size, cfg.text.vocab_size, axes=("embed", "vocab"),
                                    dtype=rt.compute_dtype, param_dtype=rt.params_dtype, rngs=rngs)
@@ -117,7 +139,12 @@ class Backbone(nnx.Module):
 
   def embed(self, input_ids: jax.Array, image_features: jax.Array | None = None,
             image_valid: jax.Array | None = None) -> jax.Array:
-    x = self.text_model.embed_tokens(input_ids)
+    token = self.cfg.image_token_id
+    if token is not None and token >= self.cfg.text.vocab_size:
+      # An image token outside the table (as Hugging Face allows) looks up row 0; its row is replaced anyway.
+      x = self.text_model.embed_tokens(jnp.where(input_ids == token, 0, input_ids))
+    else:
+      x = self.text_model.embed_tokens(input_ids)
     if image_features is None:
       return x
     if image_valid is None:
@@ -125,39 +152,60 @@ class Backbone(nnx.Module):
     return merge_image_features(input_ids, x, image_features, image_valid, self.cfg.image_token_id)
 
   def hidden_states(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
-                    position_ids: jax.Array | None = None) -> jax.Array:
-    return self.text_model(inputs_embeds, attention_mask, position_ids)
+                    position_ids: jax.Array | None = None, token_type_ids: jax.Array | None = None) -> jax.Array:
+    """token_type_ids (PaliGemma only): 0 marks the prefix (image and prompt), which attends
+    bidirectionally within itself; None keeps every token causal."""
+    if self.cfg.model_type != "paligemma":
+      if token_type_ids is not None:
+        raise ValueError(f"token_type_ids (a bidirectional prefix) is PaliGemma's; {self.cfg.model_type!r} is causal")
+      return self.text_model(inputs_embeds, attention_mask, position_ids)
+    if position_ids is None:
+      # PaliGemma counts positions from 1, whatever the padding.
+      b, t, _ = inputs_embeds.shape
+      position_ids = jnp.broadcast_to(jnp.arange(1, t + 1, dtype=jnp.int32)[None], (b, t))
+    return self.text_model(inputs_embeds, attention_mask, position_ids, token_type_ids)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
+    """float32 logits, soft-capped where the config says so (Gemma2)."""
     if self.cfg.text.tie_word_embeddings:
-      return self.text_model.embed_tokens.attend(hidden)
-    kernel = self.lm_head.kernel[...]
-    dtype = self.runtime.compute_dtype
-    return jnp.einsum("...d,dv->...v", hidden.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+      out = self.text_model.embed_tokens.attend(hidden)
+    else:
+      kernel = self.lm_head.kernel[...]
+      dtype = self.runtime.compute_dtype
+      out = jnp.einsum("...d,dv->...v", hidden.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    cap = self.cfg.text.final_logit_softcapping
+    return out if cap is None else layers.softcapped(out, cap)
 
   # -- Hugging Face-style call -------------------------------------------------
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                pixel_values: jax.Array | None = None, pixel_attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None) -> BackboneOutput:
+               position_ids: jax.Array | None = None, token_type_ids: jax.Array | None = None) -> BackboneOutput:
     """input_ids (B, T); attention_mask (B, T); pixel_values (B, N, C, H, W) with all-zero
-    padding images; pixel_attention_mask (B, N, H, W)."""
+    padding images (SmolVLM), or (N, C, H, W), every image real (PaliGemma);
+    pixel_attention_mask (B, N, H, W); token_type_ids (B, T), PaliGemma only."""
     image_features = image_valid = None
     if pixel_values is not None:
-      b, n, c, h, w = pixel_values.shape
-      images = pixel_values.reshape(b * n, c, h, w)
-      image_valid = jnp.any(images != 0, axis=(1, 2, 3))
+      if pixel_values.ndim == 4:
+        images = pixel_values
+        image_valid = jnp.ones(images.shape[:1], dtype=bool)
+      else:
+        b, n, c, h, w = pixel_values.shape
+        images = pixel_values.reshape(b * n, c, h, w)
+        image_valid = jnp.any(images != 0, axis=(1, 2, 3))
       patch_mask = None
       if pixel_attention_mask is not None:
-        patch_mask = patch_mask_from_pixels(pixel_attention_mask.reshape(b * n, h, w), self.cfg.vision.patch_size)
-      image_features = self.image_features(images, patch_mask)
+        n, _, h, w = images.shape
+        patch_mask = patch_mask_from_pixels(pixel_attention_mask.reshape(n, h, w), self.cfg.vision.patch_size)
       if _is_concrete(input_ids, image_valid):
         tokens = int(np.sum(np.asarray(input_ids) == self.cfg.image_token_id))
         expected = int(np.sum(np.asarray(image_valid))) * self.cfg.image_seq_len
         if tokens != expected:
           raise ValueError(f"image features and image tokens do not match: {tokens} image tokens in input_ids, "
                            f"{expected} feature rows from the valid images")
-    hidden = self.hidden_states(self.embed(input_ids, image_features, image_valid), attention_mask, position_ids)
+      image_features = self.image_features(images, patch_mask)
+    hidden = self.hidden_states(self.embed(input_ids, image_features, image_valid), attention_mask, position_ids,
+                                token_type_ids)
     return BackboneOutput(logits=self.logits(hidden), last_hidden_state=hidden)
 
 

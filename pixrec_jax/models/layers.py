@@ -67,15 +67,25 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-  """Token embedding table; `attend` reuses it as a tied output head."""
+  """Token embedding table; `attend` reuses it as a tied output head.
+
+  `scale` multiplies looked-up rows (Gemma's sqrt(hidden)), not the table, so a
+  tied head still reads the unscaled table. Like Hugging Face it is rounded to the
+  table's dtype first (sqrt(2304) becomes 48.0 in bfloat16).
+  """
 
   def __init__(self, num_embeddings: int, features: int, *, axes: Axes = ("vocab", "embed"), dtype=jnp.float32,
-               param_dtype=jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, init_std: float = 0.02, scale: float | None = None, rngs: nnx.Rngs):
     self.dtype = dtype
+    self.scale = scale
     self.embedding = param(rngs, nnx.initializers.normal(init_std), (num_embeddings, features), param_dtype, axes)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+    table = self.embedding[...]
+    x = jnp.take(table, ids, axis=0)
+    if self.scale is not None:
+      x = x * jnp.asarray(self.scale, jnp.float32).astype(table.dtype)
+    return x.astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Logits against the table, accumulated in float32."""
@@ -97,6 +107,20 @@ class RMSNorm(nnx.Module):
     return self.weight[...].astype(dtype) * x32.astype(dtype)
 
 
+class GemmaRMSNorm(nnx.Module):
+  """Gemma's RMSNorm: the weight is stored as an offset from 1 (zeros at init) and,
+  unlike Llama's, applied in float32 before the cast back (HF transformers#29402)."""
+
+  def __init__(self, features: int, eps: float, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.eps = eps
+    self.weight = param(rngs, nnx.initializers.zeros, (features,), param_dtype, ("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (x32 * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm computed in float32, returned in the input dtype."""
 
@@ -115,18 +139,23 @@ class LayerNorm(nnx.Module):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
-              implementation: str = "xla") -> jax.Array:
+              implementation: str = "xla", softcap: float | None = None) -> jax.Array:
   """Grouped-query attention.
 
   q: (B, T, N, H); k, v: (B, S, K, H) with N a multiple of K; mask: boolean,
   broadcastable to (B, 1, T, S), True where a query may attend. Logits and
   softmax are float32. A query row with no allowed key (padding) returns an
   average of the values instead of NaN; callers never read those rows.
+  `softcap` (Gemma2) bounds the scaled logits to (-softcap, softcap) with a tanh
+  before masking.
 
   implementation "xla" is this einsum form; "cudnn" hands the same computation
   to `jax.nn.dot_product_attention` (fused kernels on GPU, half precision only).
   """
   if implementation == "cudnn":
+    if softcap is not None:
+      raise ValueError("attention='cudnn' has no logit soft-capping, which this model (Gemma2) needs; "
+                       "use attention='xla'")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
   if implementation != "xla":
     raise ValueError(f"attention implementation must be 'xla' or 'cudnn', got {implementation!r}")
@@ -135,12 +164,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
   groups = n // kv_heads
   q = q.reshape(b, t, kv_heads, groups, h)
   logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  if softcap is not None:
+    logits = softcapped(logits, softcap)
   if mask is not None:
     mask = jnp.broadcast_to(mask, (b, 1, t, mask.shape[-1]))[:, :, None]  # (B, 1, 1, T, S)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
   return out.reshape(b, t, n, h)
+
+
+def softcapped(x: jax.Array, cap: float) -> jax.Array:
+  """cap * tanh(x / cap), in float32: a smooth clip of logits to (-cap, cap)."""
+  return jnp.tanh(x.astype(jnp.float32) / cap) * cap
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:

@@ -13,11 +13,14 @@ from pixrec_jax.models.config import Runtime, TextConfig
 
 
 class Attention(nnx.Module):
+  """Rotary grouped-query attention; Gemma2 reuses it with its own scale and logit soft-capping."""
 
   def __init__(self, cfg: TextConfig, rt: Runtime, rngs: nnx.Rngs):
     self.num_heads = cfg.num_attention_heads
     self.num_kv_heads = cfg.num_key_value_heads
     self.head_dim = cfg.head_dim
+    self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim)**-0.5
+    self.softcap = cfg.attn_logit_softcapping
     self.implementation = rt.attention
     kw = dict(use_bias=cfg.attention_bias, dtype=rt.compute_dtype, param_dtype=rt.params_dtype, rngs=rngs)
     d, h = cfg.hidden_size, cfg.head_dim
@@ -33,7 +36,7 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     q = layers.apply_rope(q, positions, inv_freq)
     k = layers.apply_rope(k, positions, inv_freq)
-    out = layers.attention(q, k, v, mask, self.head_dim**-0.5, self.implementation)
+    out = layers.attention(q, k, v, mask, self.scale, self.implementation, self.softcap)
     return self.o_proj(out.reshape(b, t, -1))
 
 

@@ -1,8 +1,12 @@
-"""The SigLIP vision transformer of the SmolVLM family (HF `Idefics3VisionTransformer`).
+"""The SigLIP vision transformer, in two variants.
 
-Images of variable size arrive padded to one shape with a patch mask; padded
-patches are excluded as attention keys, and position ids of real patches are
-rescaled onto the full position grid (NaViT-style), as Hugging Face does.
+SmolVLM's (HF `Idefics3VisionTransformer`, `variable_size=True`): images of
+variable size arrive padded to one shape with a patch mask; padded patches are
+excluded as attention keys, and position ids of real patches are rescaled onto
+the full position grid (NaViT-style), as Hugging Face does.
+
+PaliGemma's (HF `SiglipVisionModel` without its pooling head, `variable_size=False`):
+every image has the configured size and patch i takes position embedding i.
 """
 
 from __future__ import annotations
@@ -69,8 +73,13 @@ class VisionEmbeddings(nnx.Module):
     ids = (bucket_h[:, :, None] * n + bucket_w[:, None, :]).reshape(patch_mask.shape[0], -1)
     return jnp.where(patch_mask.reshape(patch_mask.shape[0], -1), ids, 0)
 
-  def __call__(self, pixel_values: jax.Array, patch_mask: jax.Array) -> jax.Array:
-    return self.patch_embedding(pixel_values) + self.position_embedding(self.position_ids(patch_mask))
+  def __call__(self, pixel_values: jax.Array, patch_mask: jax.Array | None) -> jax.Array:
+    """patch_mask None: a full-size image, positions in raster order."""
+    if patch_mask is None:
+      positions = jnp.arange(self.patches_per_side**2, dtype=jnp.int32)[None]
+    else:
+      positions = self.position_ids(patch_mask)
+    return self.patch_embedding(pixel_values) + self.position_embedding(positions)
 
 
 class VisionAttention(nnx.Module):
@@ -86,7 +95,7 @@ class VisionAttention(nnx.Module):
     self.v_proj = layers.Linear(d, d, axes=("embed", "heads"), **kw)
     self.out_proj = layers.Linear(d, d, axes=("heads", "embed"), **kw)
 
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     b, t, _ = x.shape
     split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
     out = layers.attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask,
@@ -114,7 +123,7 @@ class VisionEncoderLayer(nnx.Module):
     self.layer_norm2 = layers.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=rt.params_dtype, rngs=rngs)
     self.mlp = VisionMLP(cfg, rt, rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     x = x + self.self_attn(self.layer_norm1(x), mask)
     x = x + self.mlp(self.layer_norm2(x))
     return sharding.constrain(x, ("batch", "length", None))
@@ -125,7 +134,7 @@ class VisionEncoder(nnx.Module):
   def __init__(self, cfg: VisionConfig, rt: Runtime, rngs: nnx.Rngs):
     self.layers = nnx.List([VisionEncoderLayer(cfg, rt, rngs) for _ in range(cfg.num_hidden_layers)])
 
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     for layer in self.layers:
       x = layer(x, mask)
     return x
@@ -134,8 +143,9 @@ class VisionEncoder(nnx.Module):
 class VisionTransformer(nnx.Module):
   """Pixels (N, C, H, W) -> patch features (N, H/p * W/p, D)."""
 
-  def __init__(self, cfg: VisionConfig, rt: Runtime, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, rt: Runtime, rngs: nnx.Rngs, *, variable_size: bool = True):
     self.cfg = cfg
+    self.variable_size = variable_size
     self.embeddings = VisionEmbeddings(cfg, rt, rngs)
     self.encoder = VisionEncoder(cfg, rt, rngs)
     self.post_layernorm = layers.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=rt.params_dtype,
@@ -144,6 +154,12 @@ class VisionTransformer(nnx.Module):
   def __call__(self, pixel_values: jax.Array, patch_mask: jax.Array | None = None) -> jax.Array:
     n, _, h, w = pixel_values.shape
     p = self.cfg.patch_size
+    if not self.variable_size:
+      if patch_mask is not None:
+        raise ValueError("this vision tower (PaliGemma's SigLIP) reads full-size images only: it takes no patch mask")
+      if (h, w) != (self.cfg.image_size,) * 2:
+        raise ValueError(f"images must be {self.cfg.image_size}x{self.cfg.image_size}, got {h}x{w}")
+      return self.post_layernorm(self.encoder(self.embeddings(pixel_values, None), None))
     if patch_mask is None:
       patch_mask = jnp.ones((n, h // p, w // p), dtype=bool)
     x = self.embeddings(pixel_values, patch_mask)

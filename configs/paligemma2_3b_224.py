@@ -1,0 +1,27 @@
+"""PixRec on PaliGemma 2 3B at 224 px (google/paligemma2-3b-pt-224), the paper's large VLM backbone.
+
+configs/demo.py with the full-size backbone (pixrec_jax.models.zoo "paligemma2_3b_224"):
+SigLIP so400m-patch14-224 (256 tokens per image), a linear projector, a Gemma2-2B
+decoder. Loads a local checkpoint directory (config.json + safetensors + tokenizer)
+from model.path; with model.path empty the backbone is randomly initialised at full
+size (benchmarks). Options as in demo.py (text_only, paper). PixRec's prompts are
+causal throughout: PaliGemma's bidirectional prefix (token_type_ids) is not used.
+
+  python -m pixrec_jax.main --config configs/paligemma2_3b_224.py:paper \
+      --config.model.path=/models/paligemma2-3b-pt-224 --config.data.source=dataset --config.data.path=DATA
+  python -m pixrec_jax.main --config configs/paligemma2_3b_224.py --config.train.steps=20  # random init
+"""
+
+import pathlib
+
+from pixrec_jax import config_lib
+from pixrec_jax.models import zoo
+
+DEMO = pathlib.Path(__file__).with_name("demo.py")
+
+
+def get_config(arg=None):
+  c = config_lib.load_config_file(f"{DEMO}:{arg or ''}")
+  with c.unlocked():
+    c.model = zoo.model_section("paligemma2_3b_224")
+  return c

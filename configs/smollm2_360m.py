@@ -1,0 +1,26 @@
+"""Text-only PixRec on SmolLM2-360M (HuggingFaceTB/SmolLM2-360M), the paper's text baseline.
+
+configs/demo.py with a text-only Llama backbone (pixrec_jax.models.zoo "smollm2_360m")
+and no images anywhere. Loads a local checkpoint directory (config.json +
+safetensors + tokenizer) from model.path; with model.path empty the backbone is
+randomly initialised at full size (benchmarks). Option: paper (as in demo.py).
+
+  python -m pixrec_jax.main --config configs/smollm2_360m.py:paper \
+      --config.model.path=/models/SmolLM2-360M --config.data.source=dataset --config.data.path=DATA
+  python -m pixrec_jax.main --config configs/smollm2_360m.py --config.train.steps=20  # random init
+"""
+
+import pathlib
+
+from pixrec_jax import config_lib
+from pixrec_jax.models import zoo
+
+DEMO = pathlib.Path(__file__).with_name("demo.py")
+
+
+def get_config(arg=None):
+  c = config_lib.load_config_file(f"{DEMO}:{arg or ''}")
+  with c.unlocked():
+    c.model = zoo.model_section("smollm2_360m")
+    c.pixrec.text_only = True
+  return c

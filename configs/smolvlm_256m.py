@@ -1,0 +1,26 @@
+"""PixRec on SmolVLM-256M (HuggingFaceTB/SmolVLM-256M-Instruct), the paper's small VLM backbone.
+
+configs/demo.py with the full-size backbone (pixrec_jax.models.zoo "smolvlm_256m"):
+SigLIP base-patch16-512, pixel shuffle 4 (64 tokens per image), a SmolLM2-135M-like
+Llama decoder. Loads a local checkpoint directory (config.json + safetensors +
+tokenizer) from model.path; with model.path empty the backbone is randomly
+initialised at full size (benchmarks). Options as in demo.py (text_only, paper).
+
+  python -m pixrec_jax.main --config configs/smolvlm_256m.py:paper \
+      --config.model.path=/models/SmolVLM-256M-Instruct --config.data.source=dataset --config.data.path=DATA
+  python -m pixrec_jax.main --config configs/smolvlm_256m.py --config.train.steps=20  # random init
+"""
+
+import pathlib
+
+from pixrec_jax import config_lib
+from pixrec_jax.models import zoo
+
+DEMO = pathlib.Path(__file__).with_name("demo.py")
+
+
+def get_config(arg=None):
+  c = config_lib.load_config_file(f"{DEMO}:{arg or ''}")
+  with c.unlocked():
+    c.model = zoo.model_section("smolvlm_256m")
+  return c

@@ -1,0 +1,89 @@
+"""The Gemma2 decoder of PaliGemma 2 (HF `Gemma2Model`).
+
+What sets it apart from Llama: token embeddings scaled by sqrt(hidden_size);
+RMSNorms that scale by (1 + weight) in float32, around both the attention and
+the MLP (pre and post); a GeGLU MLP (tanh-approximated GELU gate); attention
+scaled by query_pre_attn_scalar**-0.5 with tanh soft-capped logits; and layers
+that alternate between a sliding window and global attention.
+
+PaliGemma lets a prefix (the image and the prompt, token_type_ids == 0) attend
+bidirectionally within itself; the rest stays causal. Hugging Face applies the
+prefix on top of both the causal and the sliding-window mask, so prefix tokens
+see the whole prefix whatever the window.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pixrec_jax import sharding
+from pixrec_jax.models import layers
+from pixrec_jax.models.config import Runtime, TextConfig
+from pixrec_jax.models.llama import MLP, Attention
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, rt: Runtime, rngs: nnx.Rngs):
+    norm = dict(param_dtype=rt.params_dtype, rngs=rngs)
+    d, eps = cfg.hidden_size, cfg.rms_norm_eps
+    self.input_layernorm = layers.GemmaRMSNorm(d, eps, **norm)
+    self.self_attn = Attention(cfg, rt, rngs)
+    self.post_attention_layernorm = layers.GemmaRMSNorm(d, eps, **norm)
+    self.pre_feedforward_layernorm = layers.GemmaRMSNorm(d, eps, **norm)
+    self.mlp = MLP(cfg, rt, rngs)
+    self.post_feedforward_layernorm = layers.GemmaRMSNorm(d, eps, **norm)
+
+  def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), mask, positions, inv_freq))
+    x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    return sharding.constrain(x, ("batch", "length", None))
+
+
+def attention_masks(attention_mask: jax.Array | None, token_type_ids: jax.Array | None, batch: int, length: int,
+                    sliding_window: int | None) -> dict[str, jax.Array]:
+  """{"full_attention", "sliding_attention"}: (B, 1, T, T) boolean masks, True where a query may attend.
+
+  Causal (and, for sliding layers, at most sliding_window - 1 keys back), or both
+  in the prefix (token_type_ids == 0); padded keys (attention_mask == 0) excluded.
+  """
+  q = jnp.arange(length)[:, None]
+  k = jnp.arange(length)[None, :]
+  causal = k <= q
+  masks = {"full_attention": causal[None]}
+  if sliding_window is not None:
+    masks["sliding_attention"] = (causal & (k > q - sliding_window))[None]
+  if token_type_ids is not None:
+    prefix = token_type_ids == 0
+    both_prefix = prefix[:, :, None] & prefix[:, None, :]
+    masks = {name: m | both_prefix for name, m in masks.items()}
+  if attention_mask is not None:
+    keys = attention_mask.astype(bool)[:, None, :]
+    masks = {name: m & keys for name, m in masks.items()}
+  return {name: jnp.broadcast_to(m, (batch, length, length))[:, None] for name, m in masks.items()}
+
+
+class Gemma2Model(nnx.Module):
+  """Scaled embeddings -> decoder layers -> final norm. Returns the last hidden states."""
+
+  def __init__(self, cfg: TextConfig, rt: Runtime, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = rt.compute_dtype
+    self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=rt.compute_dtype,
+                                     param_dtype=rt.params_dtype, scale=cfg.hidden_size**0.5, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, rt, rngs) for _ in range(cfg.num_hidden_layers)])
+    self.norm = layers.GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=rt.params_dtype, rngs=rngs)
+
+  def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
+               position_ids: jax.Array | None = None, token_type_ids: jax.Array | None = None) -> jax.Array:
+    b, t, _ = inputs_embeds.shape
+    if position_ids is None:
+      position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    masks = attention_masks(attention_mask, token_type_ids, b, t, self.cfg.sliding_window)
+    inv_freq = layers.rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta)
+    x = sharding.constrain(inputs_embeds.astype(self.dtype), ("batch", "length", None))
+    for layer, kind in zip(self.layers, self.cfg.attention_types):
+      x = layer(x, masks[kind], position_ids, inv_freq)
+    return self.norm(x)
