@@ -21,7 +21,7 @@ from pixrec_jax import config_lib
 from pixrec_jax import sharding as shd
 from pixrec_jax.convert import hf
 from pixrec_jax.data import processors
-from pixrec_jax.data import catalog, examples, images, pipeline, synthetic
+from pixrec_jax.data import catalog, examples, images, paper_format, pipeline, synthetic
 from pixrec_jax.eval import ranking
 from pixrec_jax.models.backbone import Backbone
 from pixrec_jax.models.config import BackboneConfig, Runtime, TextConfig, VisionConfig
@@ -45,7 +45,19 @@ def load_data(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> catalog.
     if not cfg.data.path:
       raise ValueError("data.source='dataset' needs data.path: a processed dataset folder")
     return catalog.load_dataset(cfg.data.path)
-  raise ValueError(f"data.source must be 'synthetic' or 'dataset', got {cfg.data.source!r}")
+  if cfg.data.source == "paper":
+    if not cfg.data.input or not pathlib.Path(cfg.data.input).is_file():
+      raise FileNotFoundError(f"data.input={cfg.data.input!r} does not exist; set --config.data.input to "
+                              "the paper authors' <Category>.jsonl")
+    path = pathlib.Path(cfg.data.path) if cfg.data.path else workdir / "data"
+    paper = cfg.data.paper
+    dataset = paper_format.convert(cfg.data.input, path, corpus=paper.corpus or None, images=paper.images or None,
+                                   tokenizer=paper.tokenizer)
+    if paper_format.item_template(dataset) != cfg.data.template:
+      raise ValueError(f"{dataset.path} reproduces its item texts with the template "
+                       f"{paper_format.item_template(dataset)!r}; set --config.data.template to it")
+    return dataset
+  raise ValueError(f"data.source must be 'synthetic', 'dataset' or 'paper', got {cfg.data.source!r}")
 
 
 def load_tokenizer(cfg: ml_collections.ConfigDict, dataset: catalog.Dataset):
