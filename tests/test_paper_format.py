@@ -122,10 +122,11 @@ def test_rerun_is_a_noop_and_other_options_fail(paper_file, tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "malformed JSON"),
+    ("", "malformed JSON"),
     ("[1, 2]", "expected a JSON object"),
-    ("", "empty line"),
-    (json.dumps({k: v for k, v in LINES[0].items() if k != "target_item"}), r"missing key\(s\) \['target_item'\]"),
-    (json.dumps({**LINES[0], "user_history": MUG}), "key 'user_history' is .* expected a list of strings"),
+    (json.dumps({k: v for k, v in LINES[0].items() if k != "target_item"}), "missing key 'target_item'"),
+    (json.dumps({**LINES[0], "user_history": MUG}), "key 'user_history' is .* expected a list"),
+    (json.dumps({**LINES[0], "user_history": [1]}), r"key 'user_history'\[0\] is 1, expected a string"),
     (json.dumps({**LINES[0], "target_item_image": None}), "key 'target_item_image' is None, expected a string"),
     (json.dumps({**LINES[0], "user_history_images": []}),
      "key 'user_history' has 1 texts but key 'user_history_images' has 0 paths"),

@@ -76,7 +76,6 @@ _TEXT_PATTERN = re.compile(
     r"Title: (?P<title>.*)\. Category: (?P<main_category>.*?)\. Brand: (?P<brand>.*?)"
     r"\. Price: (?P<price>.*?)\. Image: ", re.DOTALL)
 _SEPARATORS = (". Category: ", ". Brand: ", ". Price: ", ". Image: ")
-_KEYS = ("user_history", "user_history_images", "target_item", "target_item_image")
 
 
 def parse_item_text(text: str) -> dict[str, str] | None:
@@ -113,38 +112,21 @@ def read_paper_file(path: str | os.PathLike) -> list[list[tuple[str, str, str]]]
   Raises:
     catalog.DatasetError: naming the file and line of the first malformed record.
   """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise catalog.DatasetError(f"{path}: missing")
   users = []
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      where = f"{path}:{line_number}"
-      if not line.strip():
-        raise catalog.DatasetError(f"{where}: empty line, expected one JSON object per user")
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise catalog.DatasetError(f"{where}: malformed JSON ({e})") from None
-      if not isinstance(record, dict):
-        raise catalog.DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
-      missing = [k for k in _KEYS if k not in record]
-      if missing:
-        raise catalog.DatasetError(f"{where}: missing key(s) {missing}; a record has {list(_KEYS)}")
-      for key in _KEYS:
-        value = record[key]
-        ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)
-              if key.startswith("user_") else isinstance(value, str))
-        if not ok:
-          expected = "a list of strings" if key.startswith("user_") else "a string"
-          raise catalog.DatasetError(f"{where}: key {key!r} is {reprlib.repr(value)}, expected {expected}")
-      texts = record["user_history"] + [record["target_item"]]
-      paths = record["user_history_images"] + [record["target_item_image"]]
-      if len(texts) != len(paths):
-        raise catalog.DatasetError(
-            f"{where}: key 'user_history' has {len(texts) - 1} texts but key 'user_history_images' has "
-            f"{len(paths) - 1} paths")
-      users.append([(text, _image_name(image, where), image) for text, image in zip(texts, paths)])
+  # The format's own reader: the same file:line messages for malformed JSON and wrong types.
+  for where, record in catalog._records(pathlib.Path(path)):
+    texts = catalog._get(record, "user_history", list, where) + [catalog._get(record, "target_item", str, where)]
+    paths = (catalog._get(record, "user_history_images", list, where)
+             + [catalog._get(record, "target_item_image", str, where)])
+    for key, values in (("user_history", texts[:-1]), ("user_history_images", paths[:-1])):
+      for position, value in enumerate(values):
+        if not isinstance(value, str):
+          raise catalog.DatasetError(f"{where}: key {key!r}[{position}] is {reprlib.repr(value)}, expected a string")
+    if len(texts) != len(paths):
+      raise catalog.DatasetError(
+          f"{where}: key 'user_history' has {len(texts) - 1} texts but key 'user_history_images' has "
+          f"{len(paths) - 1} paths")
+    users.append([(text, _image_name(image, where), image) for text, image in zip(texts, paths)])
   return users
 
 
