@@ -104,6 +104,26 @@ def tree_batch_shardings(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: batch_sharding(mesh, np.ndim(x)), tree)
 
 
+def process_batch_shard(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+  """(index, count): this process feeds rows [index * n, (index + 1) * n), n = batch_size // count,
+  of every global batch, as `jax.make_array_from_process_local_data` expects them.
+
+  One process: (0, 1). Processes whose devices hold the same rows (the batch
+  replicated over a mesh axis that spans processes) share an index and must read
+  the same examples.
+  """
+  slices = batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,)).values()
+  rows = set()
+  for (s,) in slices:
+    rows.update(range(*s.indices(batch_size)))
+  lo, n = min(rows), len(rows)
+  if rows != set(range(lo, lo + n)) or batch_size % n or lo % n:
+    raise ValueError(f"process {jax.process_index()} holds rows {sorted(rows)} of a batch of {batch_size}: not one "
+                     f"aligned block; the batch size must divide evenly over the mesh's data x fsdp axes "
+                     f"{mesh.shape['data']} x {mesh.shape['fsdp']}, with each process's devices adjacent")
+  return lo // n, batch_size // n
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names, inside a jit that runs under a mesh; a no-op otherwise."""
   mesh = jax.sharding.get_abstract_mesh()

@@ -1,9 +1,10 @@
 """grain input pipelines.
 
-Training: users -> shuffle(seed) -> repeat -> per-host shard -> a random window
-of each user's training sequence (PixRec: history length L uniform in 1..max,
-bounded by what the user has, start uniform, the next item is the target) ->
-tokenise and load images -> batch -> prefetch (worker processes when asked).
+Training: users -> shuffle(seed) -> repeat -> a random window of each user's
+training sequence (PixRec: history length L uniform in 1..max, bounded by what the
+user has, start uniform, the next item is the target) -> this host's block of
+each global batch -> tokenise and load images -> prefetch (worker processes when
+asked).
 Training sequences end before the validation target (see catalog.leave_one_out),
 so no window can reach a validation or test target.
 
@@ -68,6 +69,16 @@ class _BuildTrainExample(grain.transforms.Map):
     return out
 
 
+class _BuildTrainBatch(grain.transforms.Map):
+
+  def __init__(self, builder: PromptBuilder):
+    self.build = _BuildTrainExample(builder)
+
+  def map(self, windows: list[Window]) -> dict[str, np.ndarray]:
+    examples = [self.build.map(w) for w in windows]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
 def _multiprocess(it: grain.IterDataset, options: grain.MultiprocessingOptions) -> grain.IterDataset:
   # grain's worker start-up reads absl flags; a library caller (a notebook, a test)
   # never parsed any, so take the defaults instead of failing.
@@ -85,17 +96,22 @@ def split_bookkeeping(batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
 def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, *, batch_size: int, seed: int,
                   shard_index: int = 0, shard_count: int = 1, num_workers: int = 0,
                   prefetch_buffer: int = 4) -> grain.IterDataset:
-  """An infinite iterator of training batches for this host (batch_size is per host).
+  """An infinite iterator of training batches for host `shard_index` of `shard_count`
+  (batch_size is per host).
 
   `train` holds (user index, training sequence) pairs, as `catalog.leave_one_out` gives them.
   """
   if not train:
     raise ValueError("no user has a training sequence of at least 2 items")
   ds = grain.MapDataset.source(list(train)).seed(seed).shuffle().repeat()
-  ds = ds[shard_index::shard_count]
-  ds = ds.random_map(_SampleWindow(builder.layout.max_history))
-  ds = ds.map(_BuildTrainExample(builder))
-  ds = ds.batch(batch_size, drop_remainder=True)
+  # Windows are drawn by global position (from the seed itself, not from grain's
+  # seed derivation, which shifts whenever an op is added upstream), and host h
+  # takes block h of every global batch (batch_size * shard_count examples), the
+  # rows its devices hold: so the global batches, and the run, are the same on any
+  # number of hosts.
+  ds = ds.random_map(_SampleWindow(builder.layout.max_history), seed=seed)
+  ds = ds.batch(batch_size, batch_fn=list)[shard_index::shard_count]
+  ds = ds.map(_BuildTrainBatch(builder))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if num_workers else 1, prefetch_buffer_size=prefetch_buffer))
   if num_workers > 0:
     it = _multiprocess(it, grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch_buffer))

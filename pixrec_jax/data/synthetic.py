@@ -381,9 +381,9 @@ def generate(out_dir: str | os.PathLike, options: SyntheticOptions | None = None
   partial.mkdir()
   try:
     _write(partial, options)
-    if out_dir.exists():
-      out_dir.rmdir()  # Empty, checked above; rename cannot replace a folder.
     try:
+      if out_dir.exists():
+        out_dir.rmdir()  # Empty, checked above; rename cannot replace a folder.
       os.rename(partial, out_dir)
     except OSError:
       if not (out_dir / catalog.MANIFEST).exists():

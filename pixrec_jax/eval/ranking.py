@@ -5,6 +5,10 @@ held-out case's history by the user tower (the user segment alone: the target is
 never in the prompt). Items are ranked by cosine similarity, by item id, so items
 that share a text are still distinct candidates. Ties count against the target
 (pessimistic): its rank is 1 + #items scoring higher + #other items scoring equal.
+
+With several processes, each reads and embeds only its rows of every batch; the
+embeddings are gathered onto every process, which then ranks every case: each case
+counts once, and every process holds the same metrics (process 0 reports them).
 """
 
 from __future__ import annotations
@@ -36,21 +40,37 @@ class EvalSettings:
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted(fn, graphdef):
-  """One compiled embedding function per tower and model structure, reused across splits."""
-  return jax.jit(lambda states, batch: fn(nnx.merge(graphdef, *states), batch))
+def _jitted(fn, graphdef, mesh):
+  """One compiled embedding function per tower, model structure and mesh, reused across splits.
+  Its output is replicated so that every process can read all of it."""
+  return jax.jit(lambda states, batch: fn(nnx.merge(graphdef, *states), batch), out_shardings=shd.replicated(mesh))
 
 
-def _embed(fn, graphdef, states, batches, mesh, what: str, total: int, progress: bool) -> np.ndarray:
+def _embed(fn, graphdef, states, keys: Sequence, make_batches, mesh, settings: EvalSettings,
+           what: str) -> np.ndarray:
+  """fn's embeddings of the examples of `keys`, in order, as one (len(keys), P) array on every process.
+
+  Global batch k holds keys [k * B, (k + 1) * B) (the last one padded with keys[0]);
+  each process reads only its block of rows of it, `make_batches(its keys, block size)`.
+  """
+  if not len(keys):
+    raise ValueError(f"{what}: nothing to evaluate, the list is empty")
+  size = settings.batch_size
+  shard, shards = shd.process_batch_shard(mesh, size)
+  block = size // shards
+  padded = list(keys) + [keys[0]] * (-len(keys) % size)
+  mine = [key for start in range(0, len(padded), size)
+          for key in padded[start + shard * block:start + (shard + 1) * block]]
   out = []
-  jitted = _jitted(fn, graphdef)
+  jitted = _jitted(fn, graphdef, mesh)
   with jax.set_mesh(mesh):
-    for batch in tqdm(batches, total=total, desc=what, unit="batch", disable=not progress, leave=False):
-      valid = batch.pop("valid")
-      arrays = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
-      emb = np.asarray(jax.device_get(jitted(states, arrays)))
-      out.append(emb[valid])
-  return np.concatenate(out, axis=0)
+    for batch in tqdm(make_batches(mine, block), total=len(padded) // size, desc=what, unit="batch",
+                      disable=not settings.progress, leave=False):
+      batch.pop("valid")  # padding is the tail of `padded`, cut below
+      arrays = {k: jax.make_array_from_process_local_data(shd.batch_sharding(mesh, v.ndim), v)
+                for k, v in batch.items()}
+      out.append(np.asarray(jax.device_get(jitted(states, arrays))))
+  return np.concatenate(out, axis=0)[:len(keys)]
 
 
 def _item_fn(model, batch):
@@ -85,17 +105,15 @@ def catalog_embeddings(graphdef, states, builder: PromptBuilder, item_keys: Sequ
   """(num_items, P) unit vectors, row i = item i. `item_keys[i]` identifies item i's input
   (e.g. its text and image hash): each distinct input is embedded once."""
   representatives, inverse = distinct_inputs(item_keys)
-  batches = pipeline.catalog_dataset(builder, representatives, settings.batch_size, settings.num_workers)
-  total = -(-len(representatives) // settings.batch_size)
-  distinct = _embed(_item_fn, graphdef, states, batches, mesh, "embed catalogue", total, settings.progress)
+  make = lambda ids, size: pipeline.catalog_dataset(builder, ids, size, settings.num_workers)
+  distinct = _embed(_item_fn, graphdef, states, representatives.tolist(), make, mesh, settings, "embed catalogue")
   return distinct[inverse]
 
 
 def user_embeddings(graphdef, states, builder: PromptBuilder, cases: Sequence[EvalCase], mesh,
                     settings: EvalSettings, what: str = "embed users") -> np.ndarray:
-  batches = pipeline.user_dataset(builder, [c.history for c in cases], settings.batch_size, settings.num_workers)
-  total = -(-len(cases) // settings.batch_size)
-  return _embed(_user_fn, graphdef, states, batches, mesh, what, total, settings.progress)
+  make = lambda histories, size: pipeline.user_dataset(builder, histories, size, settings.num_workers)
+  return _embed(_user_fn, graphdef, states, [c.history for c in cases], make, mesh, settings, what)
 
 
 @jax.jit
