@@ -6,6 +6,10 @@ A config file is a Python module with `get_config(arg: str | None) -> ConfigDict
 has. A key that does not exist fails and lists the keys that do. A config may list
 dotted keys in `required` (e.g. `("data.path", "model.path")`): the job refuses to
 start while any of them is empty, naming it.
+
+Every config also gets the job settings of `job_defaults()` (checkpointing, what a
+non-finite loss does, multi-process setup) for the keys it does not set itself, so that all configs
+have them and their defaults live in one place.
 """
 
 from __future__ import annotations
@@ -18,11 +22,38 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from pixrec_jax import distributed  # reads no jax: config parsing stays fast
+
 USAGE = ("usage: python -m pixrec_jax.main --config CONFIG.py[:ARGS] [--workdir DIR] [--config.KEY=VALUE ...]")
 
 
 class ConfigError(ValueError):
   pass
+
+
+def job_defaults() -> ml_collections.ConfigDict:
+  """Settings every job has; a config file sets any of them to override it."""
+  c = ml_collections.ConfigDict()
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 200  # also at the last step, and at a preemption (SIGTERM)
+  c.checkpoint.keep = 3  # the latest N; the best by best_metric is kept besides
+  c.checkpoint.best_metric = "valid/recall@10"  # only with eval_every_steps > 0
+  c.checkpoint.eval_every_steps = 0  # validate at the checkpoints of these steps (0: never; it costs a pass)
+  c.checkpoint["async"] = True  # write in the background while training goes on
+  c.train = ml_collections.ConfigDict()
+  c.train.nonfinite = "stop"  # a non-finite loss or gradient: "stop" the run, or "skip" that update
+  c.distributed = distributed.default_config()  # several processes: when and how they meet
+  return c
+
+
+def _fill_defaults(cfg: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> None:
+  for key, value in defaults.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      if key not in cfg:
+        cfg[key] = ml_collections.ConfigDict()
+      _fill_defaults(cfg[key], value)
+    elif key not in cfg:
+      cfg[key] = value
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -38,6 +69,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   cfg = module.get_config(arg or None)
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict, got {type(cfg).__name__}")
+  _fill_defaults(cfg, job_defaults())
   cfg.lock()
   return cfg
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,7 +28,7 @@ from pixrec_jax.models.backbone import Backbone
 from pixrec_jax.models.config import BackboneConfig, Runtime, TextConfig, VisionConfig
 from pixrec_jax.recsys.losses import LossWeights
 from pixrec_jax.recsys.model import HeadsConfig, PixRec
-from pixrec_jax.train import optim
+from pixrec_jax.train import checkpoint, optim
 from pixrec_jax.train.trainer import Trainer
 
 
@@ -194,36 +195,131 @@ def init_state(job: Job):
   return state
 
 
-def train(job: Job, state) -> tuple[Any, dict]:
-  """Runs job.steps updates; returns the state and a summary."""
+def _train_iterator(job: Job):
+  cfg = job.cfg
+  shard, shards = shd.process_batch_shard(job.mesh, cfg.train.batch_size)  # the rows this process's devices hold
+  return iter(pipeline.train_dataset(job.splits.train, job.builder, batch_size=cfg.train.batch_size // shards,
+                                     seed=cfg.seed, shard_index=shard, shard_count=shards,
+                                     num_workers=cfg.data.num_workers))
+
+
+def _truncate_log(path: pathlib.Path, step: int) -> None:
+  """Drops the records an interrupted run logged after `step`, which the resumed run logs again."""
+  if not path.is_file():
+    return
+  lines = [line for line in path.read_text().splitlines(keepends=True) if line.strip()]
+  kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+  if len(kept) != len(lines):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
+def _stop_if_nonfinite(state, step: int, ckpt: checkpoint.Checkpointer | None) -> None:
+  count, first = (int(x) for x in jax.device_get((state.nonfinite_steps, state.first_nonfinite_step)))
+  if count:
+    if ckpt is not None:
+      ckpt.wait()  # saves still in flight hold earlier, finite states: let them commit
+    saved = ckpt.latest_step() if ckpt is not None else None
+    where = f"the latest checkpoint is step {saved}" if saved is not None else "no checkpoint was written"
+    raise NonFiniteLossError(
+        f"non-finite loss or gradient at step {first} ({count} such step(s) by step {step}); stopped without "
+        f"saving a checkpoint after it ({where}). Lower train.lr, check the data, or set "
+        "--config.train.nonfinite=skip to skip such updates")
+
+
+def validate(job: Job, state) -> dict[str, float]:
+  """Validation metrics ("valid/recall@10", ...) of `state`, for keeping the best checkpoint."""
+  cfg = job.cfg
+  settings = ranking.EvalSettings(batch_size=cfg.eval.batch_size, mask_history=cfg.eval.mask_history,
+                                  num_workers=cfg.data.num_workers, progress=False)
+  states = (state.params, state.frozen)
+  item_emb = ranking.catalog_embeddings(job.trainer.graphdef, states, job.builder, item_input_keys(job), job.mesh,
+                                        settings)
+  metrics, _ = ranking.evaluate_split(job.trainer.graphdef, states, job.builder, job.splits.valid, item_emb,
+                                      job.mesh, settings, "valid")
+  out = {f"valid/{k}": float(v) for k, v in metrics.items()}
+  best = cfg.checkpoint.best_metric
+  if best and best not in out:
+    raise ValueError(f"checkpoint.best_metric={best!r} is not a validation metric; choose one of {sorted(out)}")
+  return out
+
+
+def checkpointer(job: Job, read_only: bool = False) -> checkpoint.Checkpointer:
+  """The run's checkpoints, WORKDIR/checkpoints."""
+  return checkpoint.Checkpointer(job.workdir / checkpoint.CHECKPOINT_DIR,
+                                 checkpoint.CheckpointOptions.from_config(job.cfg), read_only=read_only)
+
+
+def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple[Any, dict]:
+  """Runs the updates from `state`'s step to job.steps; returns the state and a summary.
+
+  With `ckpt`, saves every checkpoint.every_steps, at the last step, and at the step
+  boundary after a SIGTERM, after which it returns early (summary["preempted_at_step"]).
+  `state=None` resumes from ckpt's latest checkpoint: state, data iterator and
+  counters as they were, and the log continues from that step, so the rest of the
+  run is what the uninterrupted run would have done.
+  """
   cfg = job.cfg
   batch_size = cfg.train.batch_size
-  train_iter = iter(pipeline.train_dataset(job.splits.train, job.builder,
-                                           batch_size=batch_size // jax.process_count(), seed=cfg.seed,
-                                           shard_index=jax.process_index(), shard_count=jax.process_count(),
-                                           num_workers=cfg.data.num_workers))
+  policy = checkpoint.nonfinite_policy(cfg)
+  train_iter = _train_iterator(job)
   log_path = job.workdir / "train_log.jsonl"
   dropped = 0
+  if state is None:
+    restored = ckpt.restore(ckpt.latest_step(), job.trainer.abstract_state, data_iterator=train_iter,
+                            config=cfg.to_dict())
+    state, dropped = restored.state, int(restored.progress["dropped_history_items"])
+    if job.is_main:
+      for diff in checkpoint.config_differences(restored.config, cfg.to_dict()):
+        print(f"pixrec_jax: resuming with a config that differs from the checkpoint's: {diff}", flush=True)
+      _truncate_log(log_path, restored.step)
+  first = int(jax.device_get(state.step))
   last = None
+  preempted_at = None
   start = time.perf_counter()
-  with open(log_path, "a") if job.is_main else open(os.devnull, "w") as log, \
-      tqdm(total=job.steps, desc="train", unit="step", disable=not job.is_main) as bar:
-    for step in range(1, job.steps + 1):
+  # Without checkpoints a SIGTERM ends the process as usual: there would be nothing to resume from.
+  with checkpoint.PreemptionWatch() if ckpt is not None else contextlib.nullcontext() as preemption, \
+      open(log_path, "a") if job.is_main else open(os.devnull, "w") as log, \
+      tqdm(initial=first, total=job.steps, desc="train", unit="step", disable=not job.is_main) as bar:
+    for step in range(first + 1, job.steps + 1):
       batch, bookkeeping = pipeline.split_bookkeeping(next(train_iter))
       dropped += int(bookkeeping["dropped_history"].sum())
       state, metrics = job.trainer.step(state, batch)
       bar.update(1)
+      stopping = preemption is not None and preemption.reached(step)
       if step % cfg.train.log_every == 0 or step == job.steps:
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not all(math.isfinite(v) for v in last.values()):
-          raise NonFiniteLossError(f"non-finite training metrics at step {step}: {last}")
-        record = {"step": step, **last, "examples_per_s": step * batch_size / (time.perf_counter() - start),
+        if policy == "stop":
+          _stop_if_nonfinite(state, step, ckpt)
+          if not all(math.isfinite(v) for v in last.values()):
+            raise NonFiniteLossError(f"non-finite training metrics at step {step}: {last}")
+        record = {"step": step, **last, "examples_per_s": (step - first) * batch_size / (time.perf_counter() - start),
                   "dropped_history_items": dropped}
         log.write(json.dumps(record) + "\n")
         log.flush()
         bar.set_postfix(loss=f"{last['loss']:.4f}", nig=f"{last['nig']:.3f}", ut_acc=f"{last['ut_acc']:.2f}")
-  return state, {"train_steps": job.steps, "train_seconds": round(time.perf_counter() - start, 2),
-                 "final_train_metrics": last, "dropped_history_items": dropped}
+      if ckpt is not None and (step % ckpt.options.every_steps == 0 or step == job.steps or stopping):
+        if policy == "stop":
+          _stop_if_nonfinite(state, step, ckpt)
+        scores = None
+        if ckpt.options.eval_every_steps and step % ckpt.options.eval_every_steps == 0:
+          scores = validate(job, state)
+          log.write(json.dumps({"step": step, **scores}) + "\n")
+          log.flush()
+        ckpt.save(step, state, config=cfg.to_dict(), data_iterator=train_iter, metrics=scores,
+                  progress={"step": step, "dropped_history_items": dropped, "seed": cfg.seed,
+                            "process_count": jax.process_count()},
+                  # Preempted or done: the checkpoint must be committed before the process can end.
+                  wait=stopping or step == job.steps)
+      if stopping:
+        preempted_at = step
+        break
+  summary = {"train_steps": job.steps, "train_seconds": round(time.perf_counter() - start, 2),
+             "final_train_metrics": last, "dropped_history_items": dropped}
+  if preempted_at is not None:
+    summary["preempted_at_step"] = preempted_at
+  return state, summary
 
 
 def item_input_keys(job: Job) -> list:
@@ -258,21 +354,88 @@ def evaluate(job: Job, state) -> tuple[dict, dict]:
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains (resuming from WORKDIR/checkpoints when it holds a checkpoint) and evaluates.
+
+  A SIGTERM during training saves a checkpoint and returns {"preempted_at_step": k}
+  without evaluating; running the same command again resumes from there.
+  """
+  check_config_paths(cfg, "config")
   job = setup(cfg, workdir)
-  state = init_state(job)
-  counts = job.trainer.param_counts(state)
-  if job.is_main:
-    print(f"pixrec_jax: {job.dataset.num_items} items, {len(job.splits.train)} training users, "
-          f"{'text only' if job.text_only else 'text + images'}; params: {counts['trainable']:,} trainable, "
-          f"{counts['frozen']:,} frozen; mesh {dict(job.mesh.shape)}; {job.steps} steps of batch "
-          f"{cfg.train.batch_size}", flush=True)
-  state, summary = train(job, state)
-  results, reports = evaluate(job, state)
+  with checkpointer(job) as ckpt:
+    resume_from = ckpt.latest_step()
+    state = init_state(job) if resume_from is None else None
+    counts = job.trainer.param_counts(job.trainer.abstract_state)
+    if job.is_main:
+      print(f"pixrec_jax: {job.dataset.num_items} items, {len(job.splits.train)} training users, "
+            f"{'text only' if job.text_only else 'text + images'}; params: {counts['trainable']:,} trainable, "
+            f"{counts['frozen']:,} frozen; mesh {dict(job.mesh.shape)}; {job.steps} steps of batch "
+            f"{cfg.train.batch_size}" + (f"; resuming from step {resume_from}" if resume_from is not None else ""),
+            flush=True)
+    state, summary = train(job, state, ckpt)
+  if "preempted_at_step" in summary:
+    step = summary["preempted_at_step"]
+    if job.is_main:
+      print(f"pixrec_jax: stopped by SIGTERM after step {step}; saved {ckpt.directory / str(step)}. "
+            "Run the same command again to resume.", flush=True)
+    return {"preempted_at_step": step, "report": summary}
+  results, reports = evaluate(job, state) if cfg.eval.splits else ({}, {})
   out = {**results, "report": {"splits": reports, "text_only": job.text_only, **summary,
                                "split_counts": job.splits.counts, "params": counts,
                                "layout": dataclasses.asdict(job.builder.layout)}}
   if job.is_main:
     (job.workdir / "metrics.json").write_text(json.dumps(out, indent=2, default=_to_python))
-    print(_format_table(results))
+    if results:
+      print(_format_table(results))
     print(f"wrote {job.workdir / 'metrics.json'}")
   return out
+
+
+# Config keys that name files or folders, and what each must be when a saved run is reopened.
+_PATH_KEYS = (("model.path", "dir"), ("data.path", "dir"), ("data.input", "file"))
+
+
+def check_config_paths(cfg: ml_collections.ConfigDict, source: str) -> None:
+  """Fails naming the key when a path in `cfg` (read from `source`) is malformed or missing.
+
+  data.path must exist only for data.source="dataset": the other sources write it.
+  """
+  for key, kind in _PATH_KEYS:
+    node = cfg
+    for part in key.split("."):
+      node = node.get(part) if isinstance(node, (dict, ml_collections.ConfigDict)) else None
+    if node in (None, ""):
+      continue
+    if not isinstance(node, str) or "\0" in node or "\n" in node:
+      raise ValueError(f"{source}: {key}={node!r} is not a path")
+    path = pathlib.Path(node)
+    if key == "data.path" and cfg.data.source != "dataset" and not path.exists():
+      continue
+    if not (path.is_dir() if kind == "dir" else path.is_file()):
+      raise FileNotFoundError(f"{source}: {key}={node!r} is not an existing {'folder' if kind == 'dir' else 'file'}")
+
+
+@dataclasses.dataclass
+class Trained:
+  """A trained model reopened from its work directory."""
+
+  job: Job
+  params: Any
+  frozen: Any
+  step: int
+  why: str  # how the step was chosen
+
+  def model(self) -> PixRec:
+    return nnx.merge(self.job.trainer.graphdef, self.params, self.frozen)
+
+
+def restore_trained(workdir: str | pathlib.Path, step: str | int = "best") -> Trained:
+  """The model of checkpoint `step` ("best", "latest" or a number) of the run in `workdir`, built from
+  the config saved with it (its paths checked first); the optimiser state is not read."""
+  ckpt = checkpoint.open_run(workdir)
+  step, why = ckpt.resolve(step)
+  cfg = ml_collections.ConfigDict(ckpt.read_config(step))
+  check_config_paths(cfg, f"{ckpt.directory / str(step)} config")
+  job = setup(cfg, workdir)
+  abstract = job.trainer.abstract_state
+  params, frozen = ckpt.restore_model(step, abstract.params, abstract.frozen, config=cfg.to_dict())
+  return Trained(job, params, frozen, step, why)

@@ -4,6 +4,11 @@ State is created already sharded: the shapes come from `jax.eval_shape`, the
 shardings from each parameter's logical axes, and a jitted init with those
 `out_shardings` materialises it on the devices. The train step is jitted with
 explicit in/out shardings and donates the state.
+
+An update whose loss or gradient is not finite is not applied: parameters and
+optimiser state stay as they were, decided on the device so that the host never
+waits for it, and the state counts such steps (the run then stops or carries on,
+by `train.nonfinite`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ class TrainState(NamedTuple):
   params: nnx.State  # the trainable parameters
   frozen: nnx.State  # everything else in the model
   opt_state: Any
+  nonfinite_steps: jax.Array  # steps whose update was not applied: a non-finite loss or gradient
+  first_nonfinite_step: jax.Array  # the first of them, 0 if none
 
 
 def _shardings(tree: Any, mesh: Mesh) -> Any:
@@ -51,12 +58,16 @@ class Trainer:
     def init() -> TrainState:
       model = model_fn()
       _, params, frozen = nnx.split(model, trainable, ...)
-      return TrainState(jnp.zeros((), jnp.int32), params, frozen, tx.init(params))
+      zero = jnp.zeros((), jnp.int32)
+      return TrainState(zero, params, frozen, tx.init(params), zero, zero)
 
     abstract_model = nnx.eval_shape(model_fn)
     self.graphdef = nnx.split(abstract_model, trainable, ...)[0]
     abstract = jax.eval_shape(init)
     self.state_shardings = _shardings(abstract, mesh)
+    # What a checkpoint restores into: every array's shape, dtype and sharding.
+    self.abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                                       self.state_shardings)
     self._init = jax.jit(init, out_shardings=self.state_shardings)
     self._step = None
 
@@ -77,12 +88,21 @@ class Trainer:
       return mixed_loss(model.train_outputs(batch), batch, self.weights)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree.map(keep_if_bad, params, state.params)
+    opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
+    step = state.step + 1
+    nonfinite = state.nonfinite_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
+    first = jnp.where((state.first_nonfinite_step == 0) & ~finite, step, state.first_nonfinite_step)
+    metrics["grad_norm"] = grad_norm
+    metrics["nonfinite_steps"] = nonfinite
     if self.schedule is not None:
       metrics["lr"] = self.schedule(state.step)
-    return TrainState(state.step + 1, params, state.frozen, opt_state), metrics
+    return TrainState(step, params, state.frozen, opt_state, nonfinite, first), metrics
 
   def batch_shardings(self, batch: dict) -> dict:
     return shd.tree_batch_shardings(batch, self.mesh)
