@@ -93,8 +93,8 @@ def test_the_demo_spec_is_idefics3_without_splitting():
 
 def test_unsupported_settings_are_refused():
   settings = pf.image_processor(max_image_size={"longest_edge": TILE}).to_dict()
-  with pytest.raises(ValueError, match="image_processor_type 'SiglipImageProcessor' is not supported"):
-    images.ImageSpec.from_hf_dict({**settings, "image_processor_type": "SiglipImageProcessor"})
+  with pytest.raises(ValueError, match="image_processor_type 'CLIPImageProcessor' is not supported"):
+    images.ImageSpec.from_hf_dict({**settings, "image_processor_type": "CLIPImageProcessor"})
   with pytest.raises(ValueError, match="size must be"):
     images.ImageSpec.from_hf_dict({**settings, "size": {"height": 64, "width": 64}})
   with pytest.raises(ValueError, match="set max_tiles"):

@@ -3,20 +3,40 @@
 A prompt is a sequence of text runs and image blocks. Each text run is tokenised
 as one string, so its ids equal what the Hugging Face processor gives for the
 same text (the image tokens, being special tokens, split runs apart there too).
-An image block is what Idefics3Processor puts in place of `<image>`, with
-F = `<fake_token_around_image>`, I = `<image>` x image_seq_len and a grid of
-rows x cols split tiles (images.py):
+Where the image blocks and the BOS go is the backbone family's processor's
+choice (Layout.style; prompt_style maps a model_type to it):
+
+idefics3 (Idefics3Processor; text-only LMs too): the tokenizer's own prefix (a BOS
+or nothing), then the prompt. An image block is what Idefics3Processor puts in
+place of `<image>`, with F = `<fake_token_around_image>`, I = `<image>` x
+image_seq_len and a grid of rows x cols split tiles (images.py):
   no split:  F `<global-img>` I F
   split:     for each row r: (F `<row_r_col_c>` I for each column c) then "\n";
              then "\n" F `<global-img>` I F
 The newlines are text, tokenised by the tokenizer ("\n\n" before the global
-image may be one token). Image slots follow token order: each shown image's
-tiles row by row, then its global image, packed from slot 0 and padded to a
-static count (Layout.image_slots per image).
+image may be one token).
+
+paligemma (PaliGemmaProcessor given text with `<image>` placeholders): each image
+is I in place, one tile without markers. The prompt gets one BOS, right after its
+last image (at its start when it shows none), and ends in "\n", tokenised with its
+last run; the tokenizer's own BOS setting is ignored, as the processor turns it
+off. Without placeholders the processor would put every image first (`<image>`s,
+BOS, text, "\n"), apart from the item texts they belong to; PixRec interleaves
+them (PIXREC.md), so we use the placeholder path. The processor refuses prompts
+without images; those follow the same formula with none: BOS, text, "\n".
+
+Image slots follow token order: each shown image's tiles row by row, then its
+global image, packed from slot 0 and padded to a static count (Layout.image_slots
+per image).
 
 The user segment (history + separator) and the target segment (target text +
 image) are tokenised separately, so the user segment a model sees in training is
-token for token the one it sees at evaluation, where the target is unknown.
+token for token the one it sees at evaluation, where the target is unknown. For
+paligemma the user segment is the processor's whole prompt for the history, and
+the target segment follows it as the processor's suffix does (tokenised on its
+own, no BOS), with its image in place: the processor's suffix cannot hold an
+image, and on the full prompt as one text it would move the BOS behind the
+target's image. An item read alone is always the processor's prompt for it.
 """
 
 from __future__ import annotations
@@ -33,6 +53,13 @@ from pixrec_jax.data.images import ImageStore
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 GLOBAL_IMAGE_TOKEN = "<global-img>"
+# Each prompt style and the image processor (ImageSpec.processor) whose tiles its image blocks stand for.
+STYLES = {"idefics3": "idefics3", "paligemma": "siglip"}
+
+
+def prompt_style(model_type: str) -> str:
+  """The prompt style of a backbone's model_type: PaliGemma's own, else Idefics3's (text-only LMs too)."""
+  return "paligemma" if model_type == "paligemma" else "idefics3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +73,13 @@ class Layout:
   image_seq_len: int  # tokens per image tile; 0 for text-only
   image_size: int  # tile side in pixels
   max_image_tiles: int = 0  # split tiles per image at most (0: no splitting); the global image is extra
+  style: str = "idefics3"  # a key of STYLES: where image blocks and the BOS go
+
+  def __post_init__(self):
+    if self.style not in STYLES:
+      raise ValueError(f"Layout: style {self.style!r} is not one of {sorted(STYLES)}")
+    if self.style == "paligemma" and self.max_image_tiles:
+      raise ValueError("Layout: paligemma images are one tile each; max_image_tiles must be 0")
 
   @property
   def text_only(self) -> bool:
@@ -72,23 +106,36 @@ class PromptBuilder:
     self.images = images
     self.layout = layout
     self.pad_id = _pad_id(tokenizer)
-    # What the tokenizer adds in front of a sequence by itself (a BOS token, or nothing).
-    self.prefix = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    paligemma = layout.style == "paligemma"
+    # idefics3: what the tokenizer adds in front of a sequence by itself (a BOS token, or nothing).
+    # paligemma places its BOS (if the tokenizer has one) after the prompt's last image instead.
+    self.prefix = [] if paligemma else list(tokenizer("", add_special_tokens=True)["input_ids"])
+    self.bos = [int(tokenizer.bos_token_id)] if paligemma and tokenizer.bos_token_id is not None else []
+    self._suffix = [("\n", False)] if paligemma else []
     if not layout.text_only:
+      if images.spec.processor != STYLES[layout.style]:
+        raise ValueError(f"the image store makes {images.spec.processor} tiles, but {layout.style} prompts stand "
+                         f"for {STYLES[layout.style]} tiles")
       if images.spec.size != layout.image_size or images.spec.tile_budget > layout.max_image_tiles:
         raise ValueError(f"the image store makes {images.spec.size} px tiles, up to {images.spec.tile_budget} per "
                          f"image, but the layout has {layout.image_size} px and {layout.max_image_tiles}")
-      fake, glob, image = (_special_id(tokenizer, t) for t in (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN))
+      image = _special_id(tokenizer, IMAGE_TOKEN)
       self.image_token_id = image
       self._tile = [image] * layout.image_seq_len
-      self._global_block = [fake, glob] + self._tile + [fake]
-      self._fake = fake
-      self._row_break = _text_ids(tokenizer, "\n")
-      self._global_break = _text_ids(tokenizer, "\n\n")
+      if not paligemma:
+        fake, glob = (_special_id(tokenizer, t) for t in (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN))
+        self._global_block = [fake, glob] + self._tile + [fake]
+        self._fake = fake
+        self._row_break = _text_ids(tokenizer, "\n")
+        self._global_break = _text_ids(tokenizer, "\n\n")
       self._blocks: dict[tuple[int, int], list[int]] = {}
 
   def image_block(self, rows: int, cols: int) -> list[int]:
     """Token ids that stand for an image split into rows x cols tiles (0 x 0: not split)."""
+    if self.layout.style == "paligemma":
+      if rows or cols:
+        raise ValueError(f"paligemma images are one tile each, not a {rows} x {cols} grid")
+      return self._tile
     block = self._blocks.get((rows, cols))
     if block is None:
       block = []
@@ -108,10 +155,11 @@ class PromptBuilder:
 
   @staticmethod
   def plan(tokenizer, item_texts: Sequence[str], *, max_history: int, image_seq_len: int, image_size: int,
-           max_image_tiles: int = 0, max_item_tokens: int = 0, sample: int = 20000, seed: int = 0) -> Layout:
-    """A Layout large enough for max_history items, each with an image of up to max_image_tiles
-    split tiles; max_item_tokens=0 measures the catalogue (up to `sample` items) and keeps its
-    longest text whole."""
+           max_image_tiles: int = 0, max_item_tokens: int = 0, style: str = "idefics3", sample: int = 20000,
+           seed: int = 0) -> Layout:
+    """A Layout of `style` large enough for max_history items, each with an image of up to
+    max_image_tiles split tiles; max_item_tokens=0 measures the catalogue (up to `sample` items)
+    and keeps its longest text whole."""
     if max_item_tokens <= 0:
       idx = np.arange(len(item_texts))
       if len(idx) > sample:
@@ -119,18 +167,22 @@ class PromptBuilder:
       lengths = [len(tokenizer(item_texts[i], add_special_tokens=False)["input_ids"]) for i in idx]
       max_item_tokens = max(lengths) if lengths else 1
     phrase = {p: len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts.PROMPT_PHRASES}
-    prefix = len(tokenizer("", add_special_tokens=True)["input_ids"])
-    block = image_seq_len + 3 if image_seq_len else 0
-    if image_seq_len and max_image_tiles:
-      # The longest block: every tile in its own row, so one newline run per row.
-      block += max_image_tiles * (image_seq_len + 2) + (max_image_tiles - 1) * len(_text_ids(tokenizer, "\n")) \
-          + len(_text_ids(tokenizer, "\n\n"))
+    if style == "paligemma":
+      frame = (tokenizer.bos_token_id is not None) + len(_text_ids(tokenizer, "\n"))  # a BOS and the final "\n"
+      block = image_seq_len
+    else:
+      frame = len(tokenizer("", add_special_tokens=True)["input_ids"])
+      block = image_seq_len + 3 if image_seq_len else 0
+      if image_seq_len and max_image_tiles:
+        # The longest block: every tile in its own row, so one newline run per row.
+        block += max_image_tiles * (image_seq_len + 2) + (max_image_tiles - 1) * len(_text_ids(tokenizer, "\n")) \
+            + len(_text_ids(tokenizer, "\n\n"))
     per_item = max_item_tokens + block + 2  # +2: a run may split one more token at its joins
-    user = prefix + phrase[prompts.HISTORY_INTRO] + (max_history - 1) * phrase[prompts.HISTORY_NEXT] \
+    user = frame + phrase[prompts.HISTORY_INTRO] + (max_history - 1) * phrase[prompts.HISTORY_NEXT] \
         + phrase[prompts.TARGET_SEPARATOR] + max_history * per_item
     return Layout(max_history=max_history, max_item_tokens=max_item_tokens, seq_len=_round_up(user + per_item),
-                  item_len=_round_up(prefix + per_item), image_seq_len=image_seq_len, image_size=image_size,
-                  max_image_tiles=max_image_tiles if image_seq_len else 0)
+                  item_len=_round_up(frame + per_item), image_seq_len=image_seq_len, image_size=image_size,
+                  max_image_tiles=max_image_tiles if image_seq_len else 0, style=style)
 
   # -- tokenisation ----------------------------------------------------------------
 
@@ -160,19 +212,25 @@ class PromptBuilder:
   def _has_image(self, item: int) -> bool:
     return not self.layout.text_only and self.images.has_image(item)
 
+  def _frame(self, ids: list[int], after_image: int) -> list[int]:
+    """A whole prompt: the style's prefix in front, or its BOS at `after_image` (just after the
+    last image block; 0 without one)."""
+    return self.prefix + ids[:after_image] + self.bos + ids[after_image:]
+
   def user_segment(self, history: Sequence[int]) -> tuple[list[int], list[int]]:
     """Token ids of the user segment and the items whose images it shows, in order."""
-    ids, shown = list(self.prefix), []
+    ids, shown, after_image = [], [], 0
     parts: list[tuple[str, bool]] = []
     for k, item in enumerate(history):
       parts += [(prompts.HISTORY_INTRO if k == 0 else prompts.HISTORY_NEXT, False), (self.item_texts[item], True)]
       if self._has_image(item):
         ids += self._run(parts)[0] + self._item_block(item)
+        after_image = len(ids)
         shown.append(item)
         parts = []
     parts.append((prompts.TARGET_SEPARATOR, False))
-    ids += self._run(parts)[0]
-    return ids, shown
+    ids += self._run(parts + self._suffix)[0]
+    return self._frame(ids, after_image), shown
 
   def target_segment(self, item: int) -> tuple[list[int], list[bool]]:
     """Token ids of the target segment and, per id, whether it is target text."""
@@ -181,6 +239,14 @@ class PromptBuilder:
       block = self._item_block(item)
       ids, is_text = ids + block, is_text + [False] * len(block)
     return ids, is_text
+
+  def item_prompt(self, item: int) -> list[int]:
+    """Token ids of an item read alone: its text and image as a whole prompt."""
+    text = [(self.item_texts[item], True)]
+    if self._has_image(item):
+      ids = self._run(text)[0] + self._item_block(item)
+      return self._frame(ids + (self._run(self._suffix)[0] if self._suffix else []), len(ids))
+    return self._frame(self._run(text + self._suffix)[0], 0)
 
   # -- examples ----------------------------------------------------------------
 
@@ -208,10 +274,9 @@ class PromptBuilder:
     return pixels, valid
 
   def item_example(self, item: int) -> dict[str, np.ndarray]:
-    """An item read alone: prefix + its text + its image."""
-    ids, _ = self.target_segment(item)
+    """An item read alone (item_prompt)."""
     out = {}
-    out["item_ids"], out["item_mask"] = self._pad(self.prefix + ids, self.layout.item_len, f"item {item}")
+    out["item_ids"], out["item_mask"] = self._pad(self.item_prompt(item), self.layout.item_len, f"item {item}")
     if not self.layout.text_only:
       out["item_images"], out["item_image_valid"] = self._images([item] if self._has_image(item) else [],
                                                                  self.layout.image_slots)
@@ -249,7 +314,7 @@ class PromptBuilder:
     nig_positions[:len(text_pos)] = np.asarray(text_pos, np.int32) - 1  # the position that predicts it
     nig_labels[:len(text_pos)] = full[text_pos]
     nig_weights[:len(text_pos)] = 1.0
-    item_ids, item_mask = self._pad(self.prefix + target_ids, self.layout.item_len, f"item {target}")
+    item_ids, item_mask = self._pad(self.item_prompt(target), self.layout.item_len, f"item {target}")
     out = {
         "full_ids": full, "full_mask": full_mask, "user_mask": user_mask, "target_mask": target_mask,
         "nig_positions": nig_positions, "nig_labels": nig_labels, "nig_weights": nig_weights,

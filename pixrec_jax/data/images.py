@@ -1,8 +1,11 @@
-"""Image preprocessing for the vision tower: the Idefics3 (SmolVLM) image processor.
+"""Image preprocessing for the vision tower, as each backbone family's Hugging Face
+image processor does it: Idefics3's (SmolVLM) or SigLIP's (PaliGemma).
 
-`preprocess` follows transformers' Idefics3ImageProcessor (its PIL backend) step
-for step, so its pixels equal the Hugging Face processor's within float32 rounding
-(tests/test_processors.py checks 1e-5):
+`preprocess` follows the processor's PIL backend step for step, so its pixels equal
+the Hugging Face processor's within float32 rounding (tests/test_processors.py and
+tests/test_processors_paligemma.py check 1e-5). `ImageSpec.processor` names which:
+
+idefics3 (Idefics3ImageProcessor):
   1. RGB, transparency composited onto white, as the processor does.
   2. do_resize: the longest edge to size.longest_edge (up or down), the aspect kept,
      the other edge rounded to even; no edge above 4096 px.
@@ -11,11 +14,14 @@ for step, so its pixels equal the Hugging Face processor's within float32 roundi
      to M x M (the global image). An image no larger than M x M is not split
      (rows = cols = 0). Without splitting: the image squashed to M x M, alone.
   4. rescale (x * rescale_factor) and normalise ((x - mean) / std) in float32.
+siglip (SiglipImageProcessor, PaliGemma's): step 1, then the image squashed to
+  size.height x size.width (one resize, the aspect not kept; both must be M, as the
+  tower is square), then step 4. Never split: one tile per image.
 Every resize is PIL's, on 8-bit RGB, with the processor's filter. An image becomes
 `Tiles`: (rows * cols + 1, 3, M, M) float32, the global image last, which is the
 order of the image blocks in the prompt (see examples.py).
 
-The synthetic demo is the same path with splitting off and size.longest_edge = M:
+The synthetic demo is the Idefics3 path with splitting off and size.longest_edge = M:
 its square M x M images pass both resizes unchanged.
 
 Static shapes: `ImageSpec.tile_budget` bounds rows * cols. An image that would be
@@ -41,16 +47,17 @@ from PIL import Image, ImageOps
 MAX_PIXELS = 64_000_000
 # transformers' Idefics3 bound on the resized image's longest edge.
 MAX_IMAGE_SIZE = 4096
-SUPPORTED_PROCESSORS = ("Idefics3ImageProcessor",)
+# Our name for each Hugging Face image processor we reproduce, by its image_processor_type.
+SUPPORTED_PROCESSORS = {"Idefics3ImageProcessor": "idefics3", "SiglipImageProcessor": "siglip"}
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageSpec:
-  """Idefics3 image-processor settings, named as in its preprocessor_config.json."""
+  """Image-processor settings, named as in its preprocessor_config.json (see the module docstring)."""
 
-  size: int  # max_image_size.longest_edge: the tile side, the vision tower's image_size
+  size: int  # the tile side, the vision tower's image_size: max_image_size.longest_edge, or siglip's size
   do_resize: bool = True
-  longest_edge: int = 0  # size.longest_edge; 0 (with do_resize): `size`, one tile
+  longest_edge: int = 0  # idefics3's size.longest_edge; 0 (with do_resize): `size`, one tile
   do_image_splitting: bool = False
   max_tiles: int = 0  # split tiles per image at most; 0: as many as the resize allows
   resample: int = int(Image.Resampling.LANCZOS)
@@ -60,11 +67,15 @@ class ImageSpec:
   mean: tuple[float, ...] = (0.5, 0.5, 0.5)
   std: tuple[float, ...] = (0.5, 0.5, 0.5)
   do_convert_rgb: bool = True
+  processor: str = "idefics3"  # a value of SUPPORTED_PROCESSORS
 
   def __post_init__(self):
-    if self.do_resize and not self.longest_edge:
+    idefics3 = self.processor == "idefics3"
+    if idefics3 and self.do_resize and not self.longest_edge:
       object.__setattr__(self, "longest_edge", self.size)
     checks = (
+        (self.processor in SUPPORTED_PROCESSORS.values(),
+         f"processor must be one of {sorted(SUPPORTED_PROCESSORS.values())}"),
         (self.size >= 1, "size (max_image_size.longest_edge) must be positive"),
         (self.longest_edge >= 0, "longest_edge must be >= 0"),
         (self.max_tiles >= 0, "max_tiles must be >= 0"),
@@ -73,10 +84,20 @@ class ImageSpec:
         (self.resample in {int(r) for r in Image.Resampling}, f"resample {self.resample} is no PIL filter"),
         (self.do_resize or not self.do_image_splitting or self.max_tiles > 0,
          "with do_resize off, images of any size reach the splitter: set max_tiles"),
+        # Without its one resize siglip would hand the tower images of any size.
+        (idefics3 or (self.do_resize and not self.do_image_splitting and not self.longest_edge),
+         "siglip squashes every image to size x size: do_resize on, no splitting, no longest_edge"),
     )
     for ok, message in checks:
       if not ok:
         raise ValueError(f"ImageSpec: {message}; got {self}")
+
+  @classmethod
+  def default(cls, size: int, processor: str = "idefics3") -> "ImageSpec":
+    """The processor's own defaults at one size-px tile (what a randomly initialised tower reads)."""
+    if processor == "siglip":
+      return cls(size, resample=int(Image.Resampling.BICUBIC), processor="siglip")
+    return cls(size, processor=processor)
 
   @property
   def tile_budget(self) -> int:
@@ -95,11 +116,30 @@ class ImageSpec:
   @classmethod
   def from_hf_dict(cls, cfg: dict[str, Any], *, max_tiles: int = 0,
                    source: str = "preprocessor_config.json") -> "ImageSpec":
-    """From an Idefics3 image processor's settings (its `to_dict()` or preprocessor_config.json)."""
+    """From an Idefics3 or SigLIP image processor's settings (its `to_dict()` or preprocessor_config.json)."""
     kind = str(cfg.get("image_processor_type", ""))
-    if kind.removesuffix("Fast").removesuffix("Pil") not in SUPPORTED_PROCESSORS:
+    processor = SUPPORTED_PROCESSORS.get(kind.removesuffix("Fast").removesuffix("Pil"))
+    if processor is None:
       raise ValueError(f"{source}: image_processor_type {kind!r} is not supported; supported: "
                        f"{list(SUPPORTED_PROCESSORS)}")
+    common = dict(
+        do_rescale=bool(cfg.get("do_rescale", True)), rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+        do_normalize=bool(cfg.get("do_normalize", True)),
+        mean=tuple(float(m) for m in cfg.get("image_mean", (0.5, 0.5, 0.5))),
+        std=tuple(float(s) for s in cfg.get("image_std", (0.5, 0.5, 0.5))),
+        # Unset (PaliGemma's Hub config has null): transformers then converts nothing and fails on any
+        # non-RGB image; we convert as do_convert_rgb=True does, which leaves RGB images as they are.
+        do_convert_rgb=cfg.get("do_convert_rgb") is not False)
+    if processor == "siglip":
+      size = cfg.get("size") or {}
+      if set(size) != {"height", "width"} or size["height"] != size["width"]:
+        raise ValueError(f"{source}: size must be {{'height': N, 'width': N}} (the tower's square input), "
+                         f"got {size!r}")
+      if not cfg.get("do_resize", True) or cfg.get("do_center_crop") or cfg.get("do_pad"):
+        raise ValueError(f"{source}: only SigLIP's one resize to size is reproduced (do_resize on, "
+                         f"do_center_crop and do_pad off)")
+      return cls(size=int(size["height"]), resample=int(cfg.get("resample", Image.Resampling.BICUBIC)),
+                 processor="siglip", **common)
 
     def edge(key: str) -> int:
       value = cfg.get(key) or {}
@@ -110,12 +150,7 @@ class ImageSpec:
     do_resize = bool(cfg.get("do_resize", True))
     return cls(size=edge("max_image_size"), do_resize=do_resize, longest_edge=edge("size") if do_resize else 0,
                do_image_splitting=bool(cfg.get("do_image_splitting", True)), max_tiles=max_tiles,
-               resample=int(cfg.get("resample", Image.Resampling.LANCZOS)),
-               do_rescale=bool(cfg.get("do_rescale", True)), rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
-               do_normalize=bool(cfg.get("do_normalize", True)),
-               mean=tuple(float(m) for m in cfg.get("image_mean", (0.5, 0.5, 0.5))),
-               std=tuple(float(s) for s in cfg.get("image_std", (0.5, 0.5, 0.5))),
-               do_convert_rgb=bool(cfg.get("do_convert_rgb", True)))
+               resample=int(cfg.get("resample", Image.Resampling.LANCZOS)), **common)
 
 
 class Tiles(NamedTuple):
@@ -187,6 +222,7 @@ def _plan_with_edge(height: int, width: int, spec: ImageSpec, edge: int | None) 
 
 def _plan(height: int, width: int, spec: ImageSpec) -> _Plan:
   """The resizes of a height x width image; over the tile budget, a shorter longest edge."""
+  # siglip has no longest_edge (0): its one resize is the final squash to size x size.
   plan = _plan_with_edge(height, width, spec, spec.longest_edge if spec.do_resize else None)
   budget = spec.tile_budget
   if plan.rows * plan.cols <= budget:
@@ -220,7 +256,7 @@ def _to_rgb(image: Image.Image, spec: ImageSpec) -> Image.Image:
 
 
 def preprocess(image: Image.Image, spec: ImageSpec) -> Tiles:
-  """An image as the Idefics3 processor prepares it (see the module docstring)."""
+  """An image as the spec's processor prepares it (see the module docstring)."""
   image = _to_rgb(image, spec)
   plan = _plan(image.height, image.width, spec)
   resample = Image.Resampling(spec.resample)

@@ -1,10 +1,14 @@
 """The tokenizer and image processing of a local Hugging Face checkpoint directory.
 
 The tokenizer loads with AutoTokenizer, the image settings with AutoProcessor
-(its image processor's preprocessor_config.json and the processor's
-image_seq_len), both without trust_remote_code: only code shipped with
-transformers runs. The pixels themselves are made by pixrec_jax.data.images,
-which reproduces the Idefics3 image processor.
+(its image processor's settings and the processor's image tokens per tile), both
+without trust_remote_code: only code shipped with transformers runs. Two processor
+families are read:
+  Idefics3Processor (SmolVLM)  Idefics3 image processor, `image_seq_len`
+  PaliGemmaProcessor           SigLIP image processor, `image_seq_length` (which
+                               it takes from the image processor's settings)
+The pixels themselves are made by pixrec_jax.data.images, which reproduces both
+image processors, and the prompt tokens by pixrec_jax.data.examples.
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ import pathlib
 
 import transformers
 
+from pixrec_jax.data import examples
 from pixrec_jax.data.images import ImageSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# Hub checkpoints (e.g. SmolVLM-256M-Instruct) keep the image settings in preprocessor_config.json
-# and image_seq_len in processor_config.json; transformers 5 saves both in processor_config.json.
+# Hub checkpoints keep the image settings in preprocessor_config.json, and SmolVLM-256M-Instruct its
+# image_seq_len in processor_config.json; transformers 5 saves all of them in processor_config.json.
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+# Per processor class: the attribute with its image tokens per tile, and the image processor
+# (ImageSpec.processor) it must hold.
+PROCESSORS = {"Idefics3Processor": ("image_seq_len", "idefics3"), "PaliGemmaProcessor": ("image_seq_length", "siglip")}
 
 
 def _directory(path: str | os.PathLike) -> pathlib.Path:
@@ -39,28 +47,38 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def load_image_spec(path: str | os.PathLike, *, max_tiles: int = 0) -> tuple[ImageSpec, int]:
-  """(image settings, image tokens per tile) of the checkpoint's Idefics3 processor."""
+  """(image settings, image tokens per tile) of the checkpoint's Idefics3 or PaliGemma processor."""
   path = _directory(path)
   if not any((path / name).is_file() for name in PROCESSOR_FILES):
     raise FileNotFoundError(f"{path} has no image processor (none of {list(PROCESSOR_FILES)}): an image model needs "
                             "its processor saved beside it (processor.save_pretrained), or set pixrec.text_only=True")
   processor = transformers.AutoProcessor.from_pretrained(str(path), trust_remote_code=False)
+  kind = type(processor).__name__
+  seq_attr, image_processor_kind = PROCESSORS.get(kind, (None, None))
   image_processor = getattr(processor, "image_processor", None)
-  image_seq_len = getattr(processor, "image_seq_len", None)
+  image_seq_len = getattr(processor, seq_attr, None) if seq_attr else None
   if image_processor is None or image_seq_len is None:
-    raise ValueError(f"{path}: AutoProcessor gave a {type(processor).__name__}, not an Idefics3Processor with an "
-                     f"image processor and image_seq_len (processor_config.json)")
+    raise ValueError(f"{path}: AutoProcessor gave a {kind}, not one of {list(PROCESSORS)} with an image processor "
+                     f"and its image tokens per tile (processor_config.json or preprocessor_config.json)")
   spec = ImageSpec.from_hf_dict(image_processor.to_dict(), max_tiles=max_tiles, source=f"{path}: image processor")
+  if spec.processor != image_processor_kind:
+    raise ValueError(f"{path}: the {kind} holds a {type(image_processor).__name__}, but its prompt layout goes "
+                     f"with the {image_processor_kind} image processor")
   return spec, int(image_seq_len)
+
+
+def default_image_spec(model_type: str, size: int) -> ImageSpec:
+  """A randomly initialised tower's image settings: its family's processor defaults, one tile."""
+  return ImageSpec.default(size, examples.STYLES[examples.prompt_style(model_type)])
 
 
 def image_spec_for(path: str | os.PathLike, *, tile_size: int, image_seq_len: int, max_tiles: int = 0) -> ImageSpec:
   """The checkpoint's image settings, checked against the vision tower it feeds."""
   spec, processor_seq_len = load_image_spec(path, max_tiles=max_tiles)
   if spec.size != tile_size:
-    raise ValueError(f"{path}: the image processor makes {spec.size} px tiles (max_image_size) but the vision tower "
+    raise ValueError(f"{path}: the image processor makes {spec.size} px tiles but the vision tower "
                      f"reads {tile_size} px images")
   if processor_seq_len != image_seq_len:
-    raise ValueError(f"{path}: the processor puts {processor_seq_len} <image> tokens per tile (image_seq_len) but "
+    raise ValueError(f"{path}: the processor puts {processor_seq_len} <image> tokens per tile but "
                      f"the model makes {image_seq_len} features per tile")
   return spec
