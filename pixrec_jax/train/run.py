@@ -25,7 +25,8 @@ from pixrec_jax.data import processors
 from pixrec_jax.data import catalog, examples, images, paper_format, pipeline, synthetic
 from pixrec_jax.eval import ranking
 from pixrec_jax.models.backbone import Backbone
-from pixrec_jax.models.config import BackboneConfig, Runtime, TextConfig, VisionConfig
+from pixrec_jax.models import zoo
+from pixrec_jax.models.config import BackboneConfig, Runtime
 from pixrec_jax.recsys.losses import LossWeights
 from pixrec_jax.recsys.model import HeadsConfig, PixRec
 from pixrec_jax.train import checkpoint, optim
@@ -72,28 +73,9 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, dataset: catalog.Dataset):
 def image_spec(cfg: ml_collections.ConfigDict, bcfg: BackboneConfig) -> images.ImageSpec:
   """The checkpoint's image processing (model.path), or (random init) one tile at the tower's size."""
   if not cfg.model.path:
-    return images.ImageSpec(bcfg.vision.image_size)
+    return processors.default_image_spec(bcfg.model_type, bcfg.vision.image_size)
   return processors.image_spec_for(cfg.model.path, tile_size=bcfg.vision.image_size,
                                    image_seq_len=bcfg.image_seq_len, max_tiles=cfg.data.get("max_image_tiles", 0))
-
-
-def backbone_config(cfg: ml_collections.ConfigDict, tokenizer) -> BackboneConfig:
-  """From the checkpoint's config.json, or (random init) from the config's sizes and the tokenizer."""
-  if cfg.model.path:
-    return BackboneConfig.from_pretrained(cfg.model.path)
-  image_token = tokenizer.convert_tokens_to_ids(examples.IMAGE_TOKEN)
-  if image_token is None or image_token == tokenizer.unk_token_id:
-    raise ValueError(f"the tokenizer has no {examples.IMAGE_TOKEN!r} token")
-  text = TextConfig(vocab_size=len(tokenizer), num_hidden_layers=cfg.model.text.num_hidden_layers,
-                    hidden_size=cfg.model.text.hidden_size, intermediate_size=cfg.model.text.intermediate_size,
-                    num_attention_heads=cfg.model.text.num_attention_heads,
-                    num_key_value_heads=cfg.model.text.num_key_value_heads, head_dim=cfg.model.text.head_dim,
-                    rms_norm_eps=cfg.model.text.rms_norm_eps, rope_theta=cfg.model.text.rope_theta,
-                    max_position_embeddings=cfg.model.text.max_position_embeddings,
-                    tie_word_embeddings=cfg.model.text.tie_word_embeddings, pad_token_id=tokenizer.pad_token_id)
-  vision = VisionConfig(**cfg.model.vision.to_dict())
-  return BackboneConfig(model_type="idefics3", text=text, vision=vision, scale_factor=cfg.model.scale_factor,
-                        image_token_id=int(image_token))
 
 
 def load_pretrained_backbone(trainer: Trainer, state, path: str):
@@ -151,9 +133,9 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
     (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
 
   dataset = load_data(cfg, workdir)
-  splits = catalog.leave_one_out(dataset)
+  splits = catalog.dataset_splits(dataset)
   tokenizer = load_tokenizer(cfg, dataset)
-  bcfg = backbone_config(cfg, tokenizer)
+  bcfg = zoo.backbone_config(cfg.model, tokenizer)
   text_only = bool(cfg.pixrec.text_only)
   item_texts = [dataset.item_text(i, cfg.data.template) for i in range(dataset.num_items)]
   image_size = bcfg.vision.image_size if bcfg.is_vlm else 0
@@ -161,7 +143,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
   layout = examples.PromptBuilder.plan(tokenizer, item_texts, max_history=cfg.data.max_history,
                                        image_seq_len=0 if text_only else bcfg.image_seq_len, image_size=image_size,
                                        max_image_tiles=spec.tile_budget if spec else 0,
-                                       max_item_tokens=cfg.data.max_item_tokens)
+                                       max_item_tokens=cfg.data.max_item_tokens,
+                                       style=examples.prompt_style(bcfg.model_type))
   store = None
   if spec:
     paths = [dataset.image_path(i) for i in range(dataset.num_items)]
