@@ -62,7 +62,7 @@ def get_config(arg=None):
   c.data.num_workers = 0  # grain worker processes (0: in the main process)
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 500
+  c.train.steps = 650
   c.train.epochs = 0  # > 0: steps = epochs * training users / batch_size instead
   c.train.batch_size = 32  # global
   c.train.lr = 2e-3
