@@ -157,3 +157,12 @@ def test_worker_processes_give_the_same_batches_and_resume(text_builder, small_s
   for want in single[2:]:
     got = next(resumed)
     assert all(np.array_equal(want[k], got[k]) for k in want)
+
+
+def test_batch_size_one_works_on_every_host_count(text_builder, small_splits):
+  # The paper preset trains with batch 1; grain's endless repeat used to overflow the host slice.
+  for shards in (1, 2):
+    it = iter(pipeline.train_dataset(small_splits.train, text_builder, batch_size=1, seed=3,
+                                     shard_index=shards - 1, shard_count=shards))
+    batch = next(it)
+    assert batch["full_ids"].shape[0] == 1

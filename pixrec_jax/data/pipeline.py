@@ -103,7 +103,10 @@ def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilde
   """
   if not train:
     raise ValueError("no user has a training sequence of at least 2 items")
-  ds = grain.MapDataset.source(list(train)).seed(seed).shuffle().repeat()
+  # A finite but practically endless repeat (2**40 examples): grain's infinite
+  # repeat reports sys.maxsize as its length, which the host slice below cannot
+  # take at batch size 1. Element i is the same either way.
+  ds = grain.MapDataset.source(list(train)).seed(seed).shuffle().repeat(max(1, 2**40 // len(train)))
   # Windows are drawn by global position (from the seed itself, not from grain's
   # seed derivation, which shifts whenever an op is added upstream), and host h
   # takes block h of every global batch (batch_size * shard_count examples), the
