@@ -22,7 +22,9 @@ import json
 import os
 import pathlib
 import reprlib
-from collections.abc import Iterable, Iterator, Sequence
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -339,6 +341,47 @@ def write_dataset(
     os.fsync(f.fileno())
   os.replace(temp, root / MANIFEST)
   return manifest
+
+
+def write_once(out_dir: str | os.PathLike, write: Callable[[pathlib.Path], None],
+               existing: Callable[[pathlib.Path], "Dataset"]) -> "Dataset":
+  """Writes a dataset into `out_dir` unless it already holds a complete one.
+
+  `write(folder)` fills a fresh partial folder beside `out_dir`, which is then
+  renamed into place, so `out_dir` never holds a half-written dataset. A folder that
+  already has a manifest (also one a concurrent writer finished first) goes to
+  `existing(out_dir)`, which decides whether it is the same dataset.
+
+  Raises:
+    DatasetError: `out_dir` is not empty but has no manifest.
+  """
+  out_dir = pathlib.Path(out_dir)
+  if (out_dir / MANIFEST).exists():
+    return existing(out_dir)
+  if out_dir.exists() and any(out_dir.iterdir()):
+    raise DatasetError(
+        f"{out_dir} is not empty but has no {MANIFEST} (an unfinished or unrelated "
+        "folder); choose another folder or delete it"
+    )
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  partial = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex}"
+  partial.mkdir()
+  try:
+    write(partial)
+    try:
+      if out_dir.exists():
+        out_dir.rmdir()  # Empty, checked above; rename cannot replace a folder.
+      os.rename(partial, out_dir)
+    except OSError:
+      if not (out_dir / MANIFEST).exists():
+        raise
+      # A concurrent writer finished first; its dataset wins if `existing` accepts it.
+      shutil.rmtree(partial)
+      return existing(out_dir)
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  return load_dataset(out_dir)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,7 +52,6 @@ import pathlib
 import re
 import reprlib
 import shutil
-import uuid
 from collections.abc import Sequence
 
 import numpy as np
@@ -298,32 +297,8 @@ def convert(input_path: str | os.PathLike, out_dir: str | os.PathLike, *, corpus
     raise catalog.DatasetError(f"{images}: not a folder of images")
   options = _options(input_path, corpus, images, tokenizer)
 
-  out_dir = pathlib.Path(out_dir)
-  if (out_dir / catalog.MANIFEST).exists():
-    return _existing(out_dir, options)
-  if out_dir.exists() and any(out_dir.iterdir()):
-    raise catalog.DatasetError(
-        f"{out_dir} is not empty but has no {catalog.MANIFEST} (an unfinished or unrelated folder); "
-        "choose another folder or delete it")
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  partial = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex}"
-  partial.mkdir()
-  try:
-    _write(partial, input_path, corpus, images, tokenizer, options)
-    if out_dir.exists():
-      out_dir.rmdir()  # Empty, checked above; rename cannot replace a folder.
-    try:
-      os.rename(partial, out_dir)
-    except OSError:
-      if not (out_dir / catalog.MANIFEST).exists():
-        raise
-      # A concurrent run finished first; its dataset wins if the options agree.
-      shutil.rmtree(partial)
-      return _existing(out_dir, options)
-  except BaseException:
-    shutil.rmtree(partial, ignore_errors=True)
-    raise
-  return catalog.load_dataset(out_dir)
+  return catalog.write_once(out_dir, lambda folder: _write(folder, input_path, corpus, images, tokenizer, options),
+                            lambda d: _existing(d, options))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
