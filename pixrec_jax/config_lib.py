@@ -43,6 +43,13 @@ def job_defaults() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.nonfinite = "stop"  # a non-finite loss or gradient: "stop" the run, or "skip" that update
   c.distributed = distributed.default_config()  # several processes: when and how they meet
+  c.eval = ml_collections.ConfigDict()
+  c.eval.cache = True  # keep the catalogue's item embeddings per checkpoint in WORKDIR/cache
+  c.eval.baselines = ("popularity", "last_item_nn")  # ranked beside the model in report.md
+  c.eval.report = True  # report.json, report.md, recall_ndcg.png and gallery.html in the workdir
+  c.eval.gallery_users = 8  # test users shown in gallery.html (0: no gallery)
+  c.eval.top_k = 10  # items recommended per gallery user
+  c.eval.seeds = ()  # e.g. (0, 1, 2): one run per seed in WORKDIR/seed_N, then their mean and std
   return c
 
 

@@ -28,3 +28,12 @@ def metrics_from_ranks(ranks: np.ndarray, recall_ks: Sequence[int] = RECALL_KS,
     out[f"ndcg@{k}"] = float(np.mean(np.where(r <= k, gain, np.float32(0.0))))
   out["mrr"] = float(np.mean((1.0 / r).astype(np.float32)))
   return out
+
+
+CURVE_KS = (1, 2, 3, 5, 10, 20, 50)
+
+
+def curve_from_ranks(ranks: np.ndarray, ks: Sequence[int] = CURVE_KS) -> dict[str, list]:
+  """Recall@K and NDCG@K at each K of `ks`, for plotting them against K: {"k", "recall", "ndcg"}."""
+  m = metrics_from_ranks(ranks, recall_ks=ks, ndcg_ks=ks)
+  return {"k": list(ks), "recall": [m[f"recall@{k}"] for k in ks], "ndcg": [m[f"ndcg@{k}"] for k in ks]}

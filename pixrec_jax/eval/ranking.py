@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import pathlib
+import uuid
 from typing import Hashable, Sequence
 
 import jax
@@ -27,7 +31,7 @@ from pixrec_jax import sharding as shd
 from pixrec_jax.data import pipeline
 from pixrec_jax.data.catalog import EvalCase
 from pixrec_jax.data.examples import PromptBuilder
-from pixrec_jax.eval.metrics import metrics_from_ranks
+from pixrec_jax.eval.metrics import curve_from_ranks, metrics_from_ranks
 from pixrec_jax.recsys.losses import l2_normalize
 
 
@@ -116,8 +120,76 @@ def user_embeddings(graphdef, states, builder: PromptBuilder, cases: Sequence[Ev
   return _embed(_user_fn, graphdef, states, [c.history for c in cases], make, mesh, settings, what)
 
 
-@jax.jit
-def _ranks(users, items, targets, history, mask_history):
+CACHE_DIR = "cache"
+_NOT_MODEL_KEYS = ("eval", "checkpoint", "distributed")  # config groups that leave the weights alone
+
+
+def fingerprint(config: dict, manifest: dict) -> str:
+  """Hash of what a checkpoint's item embeddings depend on besides its step: the config (less the
+  groups that cannot change the weights) and the dataset's manifest (its files' hashes)."""
+  model_config = {k: v for k, v in config.items() if k not in _NOT_MODEL_KEYS}
+  text = json.dumps([model_config, manifest], sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingCache:
+  """The catalogue's item embeddings of one checkpoint, WORKDIR/cache/item_embeddings_step{N}.npz.
+
+  The file holds the embeddings and the fingerprint they were computed under; it is reused while
+  step and fingerprint match and rewritten otherwise, so a re-evaluation of the same checkpoint
+  skips the catalogue pass and a changed config or dataset never reads stale vectors. Written
+  beside its name and renamed into place: never half written.
+  """
+
+  directory: pathlib.Path
+  step: int
+  fingerprint: str
+
+  @property
+  def path(self) -> pathlib.Path:
+    return pathlib.Path(self.directory) / f"item_embeddings_step{self.step}.npz"
+
+  def load(self) -> np.ndarray | None:
+    try:
+      with np.load(self.path, allow_pickle=False) as f:
+        if str(f["fingerprint"]) != self.fingerprint or int(f["step"]) != self.step:
+          return None
+        return f["embeddings"]
+    except (FileNotFoundError, KeyError, ValueError, OSError):
+      return None
+
+  def store(self, embeddings: np.ndarray) -> None:
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.npz")
+    try:
+      np.savez(tmp, embeddings=np.asarray(embeddings, np.float32), fingerprint=np.asarray(self.fingerprint),
+               step=np.asarray(self.step))
+      tmp.replace(self.path)
+    finally:
+      tmp.unlink(missing_ok=True)
+
+
+def cached_catalog_embeddings(graphdef, states, builder: PromptBuilder, item_keys: Sequence[Hashable], mesh,
+                              settings: EvalSettings, cache: EmbeddingCache | None,
+                              write: bool = True) -> tuple[np.ndarray, bool]:
+  """(catalog_embeddings, whether they came from `cache`); computed and stored (when `write`: one
+  process of a multi-process job) on a miss. Every process reads the same shared file, so all
+  agree on whether to run the (collective) catalogue pass."""
+  if cache is not None:
+    cached = cache.load()
+    if cached is not None and cached.shape[0] == len(item_keys):
+      return cached, True
+  emb = catalog_embeddings(graphdef, states, builder, item_keys, mesh, settings)
+  if cache is not None and write:
+    cache.store(emb)
+  return emb, False
+
+
+@functools.partial(jax.jit, static_argnames="top_k")
+def _ranks(users, items, targets, history, mask_history, top_k=0):
+  """Ranks of the targets and (top_k > 0) the top_k (item ids, scores) of each row, on device: only
+  these leave it, never the (c, N) score matrix."""
   scores = users @ items.T  # (c, N) float32
   rows = jnp.arange(users.shape[0])[:, None]
   # history is padded with N (out of range): dropped by the scatter.
@@ -126,15 +198,33 @@ def _ranks(users, items, targets, history, mask_history):
   target = jnp.take_along_axis(scores, targets[:, None], axis=1)
   higher = jnp.sum(scores > target, axis=1)
   ties = jnp.sum(scores == target, axis=1) - 1
-  return 1 + higher + ties
+  ranks = 1 + higher + ties
+  if not top_k:
+    return ranks, None, None
+  # Exact; among equal scores the lower item id comes first, as recommend lists them.
+  top_scores, top_ids = jax.lax.top_k(scores, top_k)
+  return ranks, top_ids, top_scores
 
 
-def rank_targets(users: np.ndarray, items: np.ndarray, cases: Sequence[EvalCase], mask_history: bool,
-                 chunk: int = 1024) -> np.ndarray:
-  """Rank of each case's target among all catalogue items (1 = first)."""
+@dataclasses.dataclass(frozen=True)
+class Ranked:
+  """What ranking one list of cases gives: each target's rank (1 = first) and, when asked for, each
+  case's top K items (ids best first, -inf scores for items that history masking removed)."""
+
+  ranks: np.ndarray  # (c,) int
+  top_ids: np.ndarray | None = None  # (c, K) int32
+  top_scores: np.ndarray | None = None  # (c, K) float32
+
+
+def rank_cases(users: np.ndarray, items: np.ndarray, cases: Sequence[EvalCase], mask_history: bool,
+               top_k: int = 0, chunk: int = 1024) -> Ranked:
+  """Ranks every catalogue item for each case by users[c] . items[i] (any scorer that is an inner
+  product: the towers, an item-item neighbour, popularity as a 1-d score), in chunks of cases."""
   n = items.shape[0]
+  if top_k > n:
+    raise ValueError(f"top_k={top_k} is larger than the catalogue ({n} items)")
   items_dev = jnp.asarray(items, jnp.float32)
-  ranks = []
+  ranks, ids, scores = [], [], []
   for start in range(0, len(cases), chunk):
     part = cases[start:start + chunk]
     width = max(1, max(len(c.history) for c in part))
@@ -142,17 +232,50 @@ def rank_targets(users: np.ndarray, items: np.ndarray, cases: Sequence[EvalCase]
     for i, c in enumerate(part):
       history[i, :len(c.history)] = c.history
     targets = np.asarray([c.target for c in part], np.int32)
-    ranks.append(np.asarray(_ranks(jnp.asarray(users[start:start + len(part)], jnp.float32), items_dev,
-                                   jnp.asarray(targets), jnp.asarray(history), jnp.asarray(mask_history))))
-  return np.concatenate(ranks)
+    r, i, s = jax.device_get(_ranks(jnp.asarray(users[start:start + len(part)], jnp.float32), items_dev,
+                                    jnp.asarray(targets), jnp.asarray(history), jnp.asarray(mask_history),
+                                    top_k=top_k))
+    ranks.append(np.asarray(r))
+    if top_k:
+      ids.append(np.asarray(i))
+      scores.append(np.asarray(s))
+  if not top_k:
+    return Ranked(np.concatenate(ranks))
+  return Ranked(np.concatenate(ranks), np.concatenate(ids), np.concatenate(scores))
+
+
+def rank_targets(users: np.ndarray, items: np.ndarray, cases: Sequence[EvalCase], mask_history: bool,
+                 chunk: int = 1024) -> np.ndarray:
+  """Rank of each case's target among all catalogue items (1 = first)."""
+  return rank_cases(users, items, cases, mask_history, chunk=chunk).ranks
+
+
+def slice_metrics(ranks: np.ndarray, selected: np.ndarray) -> dict:
+  """{"users": n, "metrics": ...} of the cases `selected` (a boolean mask); metrics None when n is 0."""
+  selected = np.asarray(selected, bool)
+  n = int(selected.sum())
+  return {"users": n, "metrics": metrics_from_ranks(ranks[selected]) if n else None}
 
 
 def evaluate_split(graphdef, states, builder: PromptBuilder, cases: Sequence[EvalCase], item_emb: np.ndarray,
-                   mesh, settings: EvalSettings, name: str) -> tuple[dict[str, float], dict]:
-  """Metrics for one split, plus a report of what was evaluated."""
+                   mesh, settings: EvalSettings, name: str,
+                   seen_items: np.ndarray | None = None) -> tuple[dict[str, float], dict]:
+  """Metrics for one split, plus a report of what was evaluated.
+
+  The report holds Recall@K and NDCG@K for K in metrics.CURVE_KS ("curve", for plots) and, given
+  `seen_items` (boolean, per item: in some training sequence), the cold-start slice: the cases
+  whose target was never seen in training, with their count and metrics (None when there are none).
+  """
   users = user_embeddings(graphdef, states, builder, cases, mesh, settings, f"embed {name} users")
   ranks = rank_targets(users, item_emb, cases, settings.mask_history)
   in_history = sum(int(c.target in set(c.history.tolist())) for c in cases)
   report = {"users": len(cases), "catalogue_items": int(item_emb.shape[0]), "mask_history": settings.mask_history,
-            "targets_in_history": in_history, "ties": "pessimistic"}
+            "targets_in_history": in_history, "ties": "pessimistic", "curve": curve_from_ranks(ranks)}
+  if seen_items is not None:
+    report["cold_start"] = slice_metrics(ranks, cold_start_cases(cases, seen_items))
   return metrics_from_ranks(ranks), report
+
+
+def cold_start_cases(cases: Sequence[EvalCase], seen_items: np.ndarray) -> np.ndarray:
+  """Boolean per case: its target is an item no training sequence holds."""
+  return np.asarray([not seen_items[c.target] for c in cases], bool)

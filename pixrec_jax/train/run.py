@@ -23,7 +23,7 @@ from pixrec_jax import sharding as shd
 from pixrec_jax.convert import hf
 from pixrec_jax.data import processors
 from pixrec_jax.data import catalog, examples, images, paper_format, pipeline, synthetic
-from pixrec_jax.eval import ranking
+from pixrec_jax.eval import baselines, ranking, report
 from pixrec_jax.models.backbone import Backbone
 from pixrec_jax.models import zoo
 from pixrec_jax.models.config import BackboneConfig, Runtime
@@ -318,21 +318,39 @@ def item_input_keys(job: Job) -> list:
   return keys
 
 
+def eval_settings(job: Job) -> ranking.EvalSettings:
+  cfg = job.cfg
+  return ranking.EvalSettings(batch_size=cfg.eval.batch_size, mask_history=cfg.eval.mask_history,
+                              num_workers=cfg.data.num_workers, progress=job.is_main)
+
+
+def catalog_embeddings(job: Job, state, settings: ranking.EvalSettings) -> np.ndarray:
+  """Every catalogue item's embedding at `state`'s step; with eval.cache, read from (or computed once
+  into) WORKDIR/cache, keyed by the step and a hash of the config and the dataset."""
+  cache = None
+  if job.cfg.eval.cache:
+    cache = ranking.EmbeddingCache(job.workdir / ranking.CACHE_DIR, int(jax.device_get(state.step)),
+                                   ranking.fingerprint(job.cfg.to_dict(), job.dataset.manifest))
+  emb, _ = ranking.cached_catalog_embeddings(job.trainer.graphdef, (state.params, state.frozen), job.builder,
+                                              item_input_keys(job), job.mesh, settings, cache, write=job.is_main)
+  return emb
+
+
 def evaluate(job: Job, state) -> tuple[dict, dict]:
   """Whole-catalogue dense ranking for each configured split: (metrics, reports) by split."""
   cfg = job.cfg
-  settings = ranking.EvalSettings(batch_size=cfg.eval.batch_size, mask_history=cfg.eval.mask_history,
-                                  num_workers=cfg.data.num_workers, progress=job.is_main)
+  settings = eval_settings(job)
   states = (state.params, state.frozen)
   graphdef = job.trainer.graphdef
-  item_emb = ranking.catalog_embeddings(graphdef, states, job.builder, item_input_keys(job), job.mesh, settings)
+  item_emb = catalog_embeddings(job, state, settings)
+  seen = baselines.seen_items(job.splits, job.dataset.num_items)
   results, reports = {}, {}
   for split in cfg.eval.splits:
     cases = {"valid": job.splits.valid, "test": job.splits.test}.get(split)
     if cases is None:
       raise ValueError(f"eval.splits entries must be 'valid' or 'test', got {split!r}")
     results[split], reports[split] = ranking.evaluate_split(graphdef, states, job.builder, cases, item_emb, job.mesh,
-                                                            settings, split)
+                                                            settings, split, seen_items=seen)
   return results, reports
 
 
@@ -370,6 +388,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     if results:
       print(_format_table(results))
     print(f"wrote {job.workdir / 'metrics.json'}")
+  if results and cfg.eval.report:
+    settings = eval_settings(job)
+    report.run_report(job, state, results, reports, catalog_embeddings(job, state, settings), settings)
+    if job.is_main:
+      print(f"wrote {job.workdir / report.REPORT_MD}, {report.PLOT} and {report.GALLERY}")
   return out
 
 
