@@ -20,6 +20,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from pixrec_jax.models import scan
+
 VLM_MODEL_TYPES = ("idefics3", "smolvlm", "paligemma")
 TEXT_MODEL_TYPES = ("llama",)
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
@@ -56,6 +58,11 @@ class Runtime:
   dtype: str = "float32"  # compute dtype of matmuls and activations
   param_dtype: str = "float32"  # storage dtype of parameters
   attention: str = "xla"  # "xla" (einsum, float32 softmax) or "cudnn" (fused GPU kernel)
+  scan_layers: bool = False  # one jax.lax.scan over stacked layers: one layer to compile, not all
+  remat: str = "none"  # a pixrec_jax.models.scan.REMAT_POLICIES name: what a layer saves for the backward pass
+
+  def __post_init__(self):
+    scan.remat_policy(self.remat)  # an unknown name fails here, listing the valid ones
 
   @property
   def compute_dtype(self):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pixrec_jax import sharding
-from pixrec_jax.models import layers
+from pixrec_jax.models import layers, scan
 from pixrec_jax.models.config import Runtime, TextConfig
 from pixrec_jax.models.llama import MLP, Attention
 
@@ -73,7 +73,13 @@ class Gemma2Model(nnx.Module):
     self.dtype = rt.compute_dtype
     self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=rt.compute_dtype,
                                      param_dtype=rt.params_dtype, scale=cfg.hidden_size**0.5, rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(cfg, rt, rngs) for _ in range(cfg.num_hidden_layers)])
+    self.scan_layers = rt.scan_layers
+    self.remat = rt.remat
+    make = lambda: DecoderLayer(cfg, rt, rngs)
+    if rt.scan_layers:
+      self.layers = scan.stack(make, cfg.num_hidden_layers)
+    else:
+      self.layers = nnx.List([make() for _ in range(cfg.num_hidden_layers)])
     self.norm = layers.GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=rt.params_dtype, rngs=rngs)
 
   def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
@@ -84,6 +90,14 @@ class Gemma2Model(nnx.Module):
     masks = attention_masks(attention_mask, token_type_ids, b, t, self.cfg.sliding_window)
     inv_freq = layers.rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta)
     x = sharding.constrain(inputs_embeds.astype(self.dtype), ("batch", "length", None))
-    for layer, kind in zip(self.layers, self.cfg.attention_types):
-      x = layer(x, masks[kind], position_ids, inv_freq)
+    if self.scan_layers:
+      # One traced layer serves both kinds: each layer's flag picks its mask.
+      sliding = jnp.asarray([kind == "sliding_attention" for kind in self.cfg.attention_types])
+      full, window = masks["full_attention"], masks.get("sliding_attention", masks["full_attention"])
+      call = lambda layer, x, is_sliding: layer(x, jnp.where(is_sliding, window, full), position_ids, inv_freq)
+      x = scan.scan(self.layers, x, call, xs=sliding, remat_name=self.remat)
+    else:
+      call = scan.remat(lambda layer, x, mask: layer(x, mask, position_ids, inv_freq), self.remat)
+      for layer, kind in zip(self.layers, self.cfg.attention_types):
+        x = call(layer, x, masks[kind])
     return self.norm(x)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pixrec_jax import sharding
-from pixrec_jax.models import layers
+from pixrec_jax.models import layers, scan
 from pixrec_jax.models.config import Runtime, TextConfig
 
 
@@ -77,14 +77,20 @@ def causal_mask(attention_mask: jax.Array | None, batch: int, length: int) -> ja
 
 
 class LlamaModel(nnx.Module):
-  """Embeddings -> decoder layers -> final norm. Returns the last hidden states."""
+  """Embeddings -> decoder layers (looped or scanned, see `Runtime`) -> final norm. Returns the last hidden states."""
 
   def __init__(self, cfg: TextConfig, rt: Runtime, rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = rt.compute_dtype
     self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=rt.compute_dtype,
                                      param_dtype=rt.params_dtype, rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(cfg, rt, rngs) for _ in range(cfg.num_hidden_layers)])
+    self.scan_layers = rt.scan_layers
+    self.remat = rt.remat
+    make = lambda: DecoderLayer(cfg, rt, rngs)
+    if rt.scan_layers:
+      self.layers = scan.stack(make, cfg.num_hidden_layers)
+    else:
+      self.layers = nnx.List([make() for _ in range(cfg.num_hidden_layers)])
     self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=rt.params_dtype, rngs=rngs)
 
   def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
@@ -96,6 +102,11 @@ class LlamaModel(nnx.Module):
     mask = causal_mask(attention_mask, b, t)
     inv_freq = layers.rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta)
     x = sharding.constrain(inputs_embeds.astype(self.dtype), ("batch", "length", None))
-    for layer in self.layers:
-      x = layer(x, mask, position_ids, inv_freq)
+    call = lambda layer, x, _: layer(x, mask, position_ids, inv_freq)
+    if self.scan_layers:
+      x = scan.scan(self.layers, x, call, remat_name=self.remat)
+    else:
+      call = scan.remat(call, self.remat)
+      for layer in self.layers:
+        x = call(layer, x, None)
     return self.norm(x)
