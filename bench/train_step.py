@@ -1,0 +1,260 @@
+"""Examples/s, TFLOP/s per device and MFU of the PixRec train step for a config, batch and mesh.
+
+The step is the one training runs (pixrec_jax.train.trainer, host -> device
+transfer of the batch included), on a synthetic batch with the shapes training
+with that config has: the static layout of the synthetic catalogue's prompts
+(history 1..data.max_history items, `--item-tokens` text tokens per item, the
+backbone's image tokens), random token ids and pixels. Timing: `--warmup` steps
+(compilation), then `--rounds` rounds of `--steps` steps each, the device synced
+once per round; the step time is the median round's mean. No grain,
+tensorflow-datasets or PIL is imported, so it runs wherever jax, flax, optax and
+ml_collections do.
+
+`--spec-out DIR` writes the batch and the settings for bench/torch_reference.py;
+`--torch` runs that reference right after (same process tree, same machine) and
+reports ours / theirs. The last line is one JSON object of the figures.
+
+  python bench/train_step.py --config configs/demo.py --batch 32 --torch
+  python bench/train_step.py --config configs/smolvlm_256m.py --batch 16 --config.model.attention=cudnn
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# The synthetic catalogue's prompt sizes (its tokenizer): the history intro, the "next item" phrases and the
+# separator take 51 tokens, an item text up to 13, and no BOS. tests/test_bench.py checks the layout below
+# against PromptBuilder.plan on that catalogue.
+PROMPT_TOKENS = 51
+ITEM_TOKENS = 13
+SYNTHETIC_VOCAB = 96
+SYNTHETIC_IMAGE_TOKEN = 3
+
+
+def _round_up(n: int, multiple: int = 8) -> int:
+  return -(-n // multiple) * multiple
+
+
+def layout_for(bcfg, *, max_history: int, text_only: bool, item_tokens: int = ITEM_TOKENS,
+               prompt_tokens: int = PROMPT_TOKENS):
+  """The examples.Layout PromptBuilder.plan gives for the synthetic catalogue (one tile per image)."""
+  from pixrec_jax.data import examples  # pylint: disable=import-outside-toplevel
+
+  style = examples.prompt_style(bcfg.model_type)
+  image_seq_len = 0 if text_only or not bcfg.is_vlm else bcfg.image_seq_len
+  block = 0 if not image_seq_len else image_seq_len + (3 if style == "idefics3" else 0)
+  per_item = item_tokens + block + 2
+  user = prompt_tokens + max_history * per_item
+  return examples.Layout(max_history=max_history, max_item_tokens=item_tokens, seq_len=_round_up(user + per_item),
+                         item_len=_round_up(per_item), image_seq_len=image_seq_len,
+                         image_size=bcfg.vision.image_size if bcfg.is_vlm else 0, style=style)
+
+
+def synthetic_batch(layout, *, batch: int, vocab: int, image_token: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A training batch of `layout`'s shapes: histories of 1..max_history items as PixRec's windows draw them,
+  every item with its text and (if the layout has images) one image."""
+  rng = np.random.default_rng(seed)
+  t = layout.image_seq_len
+  slots = 0 if layout.text_only else (layout.max_history + 1) * layout.image_slots
+  words = lambda n: [int(x) for x in (rng.integers(image_token + 1, vocab, n) if image_token + 1 < vocab
+                                      else rng.integers(0, image_token, n))]
+  image = ([] if layout.text_only else
+           ([0, 0] if layout.style == "idefics3" else []) + [image_token] * t + ([0] if layout.style == "idefics3" else []))
+  out = {k: [] for k in ("full_ids", "full_mask", "user_mask", "target_mask", "nig_positions", "nig_labels",
+                         "nig_weights", "item_ids", "item_mask", "images", "image_valid", "target_slot")}
+
+  def pad(ids, length):
+    a, m = np.zeros(length, np.int32), np.zeros(length, np.int32)
+    a[:len(ids)], m[:len(ids)] = ids, 1
+    return a, m
+
+  for _ in range(batch):
+    history = int(rng.integers(1, layout.max_history + 1))
+    user = words(PROMPT_TOKENS - 7 * (layout.max_history - history))
+    for _ in range(history):
+      user += words(layout.max_item_tokens) + image
+    text = words(layout.max_item_tokens)
+    full, mask = pad(user + text + image, layout.seq_len)
+    user_mask = np.zeros_like(mask)
+    user_mask[:len(user)] = 1
+    k = layout.max_item_tokens
+    out["full_ids"].append(full)
+    out["full_mask"].append(mask)
+    out["user_mask"].append(user_mask)
+    out["target_mask"].append(mask - user_mask)
+    out["nig_positions"].append(np.arange(len(user) - 1, len(user) - 1 + k, dtype=np.int32))
+    out["nig_labels"].append(np.asarray(text, np.int32))
+    out["nig_weights"].append(np.ones(k, np.float32))
+    item, item_mask = pad(text + image, layout.item_len)
+    out["item_ids"].append(item)
+    out["item_mask"].append(item_mask)
+    if slots:
+      pixels = np.zeros((slots, 3, layout.image_size, layout.image_size), np.float32)
+      pixels[:history + 1] = rng.standard_normal((history + 1, 3, layout.image_size, layout.image_size))
+      out["images"].append(pixels)
+      out["image_valid"].append(np.arange(slots) < history + 1)
+      out["target_slot"].append(np.int32(history))
+  batch_arrays = {k: np.stack(v) for k, v in out.items() if v}
+  batch_arrays["target_item"] = rng.permutation(10 * batch)[:batch].astype(np.int32)
+  return batch_arrays
+
+
+def backbone_config(cfg):
+  """The config's backbone, with the synthetic tokenizer's vocabulary where the config names none."""
+  from pixrec_jax.models import zoo  # pylint: disable=import-outside-toplevel
+
+  model = cfg.model
+  with model.unlocked():
+    if "vocab_size" not in model.text:
+      model.text.vocab_size = SYNTHETIC_VOCAB
+      model.text.pad_token_id = 0
+    if "vision" in model and model.get("image_token_id") is None:
+      model.image_token_id = SYNTHETIC_IMAGE_TOKEN
+  return zoo.backbone_config(model)
+
+
+def build_trainer(cfg, bcfg, text_only: bool):
+  """The Trainer pixrec_jax.train.run.setup builds (without its data and grain)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from pixrec_jax import sharding as shd  # pylint: disable=import-outside-toplevel
+  from pixrec_jax.models.backbone import Backbone  # pylint: disable=import-outside-toplevel
+  from pixrec_jax.models.config import Runtime  # pylint: disable=import-outside-toplevel
+  from pixrec_jax.recsys.losses import LossWeights  # pylint: disable=import-outside-toplevel
+  from pixrec_jax.recsys.model import HeadsConfig, PixRec  # pylint: disable=import-outside-toplevel
+  from pixrec_jax.train import optim  # pylint: disable=import-outside-toplevel
+  from pixrec_jax.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
+
+  # Every Runtime switch the config's model section sets (dtype, attention, and any added later).
+  rt = Runtime(**{f.name: cfg.model[f.name] for f in dataclasses.fields(Runtime) if f.name in cfg.model})
+  heads = HeadsConfig(proj_dim=cfg.pixrec.proj_dim, pooling=cfg.pixrec.pooling, text_only=text_only)
+  weights = LossWeights(alpha=cfg.pixrec.alpha, beta=cfg.pixrec.beta, temperature=cfg.pixrec.temperature)
+  model_fn = lambda: PixRec(Backbone(bcfg, rt, rngs=nnx.Rngs(cfg.seed)), heads, rngs=nnx.Rngs(cfg.seed + 1))
+  tx, sched = optim.optimizer(lr=cfg.train.lr, steps=max(cfg.train.steps, 1), warmup_steps=cfg.train.warmup_steps,
+                              weight_decay=cfg.train.weight_decay, clip_norm=cfg.train.clip_norm, b1=cfg.train.b1,
+                              b2=cfg.train.b2)
+  trainable = optim.trainable_filter(cfg.train.trainable, tied_embeddings=bcfg.text.tie_word_embeddings,
+                                     text_only=text_only)
+  mesh = shd.make_mesh(**cfg.mesh.to_dict())
+  return Trainer(model_fn, tx, trainable, weights, mesh, sched), rt
+
+
+def time_rounds(step, warmup: int, rounds: int, steps: int, sync) -> tuple[float, float]:
+  """(median seconds per step over rounds, seconds of the warm-up). `step()` runs one step; `sync()` waits."""
+  start = time.perf_counter()
+  for _ in range(warmup):
+    step()
+  sync()
+  warm = time.perf_counter() - start
+  times = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    for _ in range(steps):
+      step()
+    sync()
+    times.append((time.perf_counter() - start) / steps)
+  return statistics.median(times), warm
+
+
+def write_spec(path: pathlib.Path, cfg, bcfg, batch: dict, text_only: bool, args, result: dict) -> None:
+  """What bench/torch_reference.py needs to run the same step: the batch and the settings."""
+  path.mkdir(parents=True, exist_ok=True)
+  np.savez(path / "batch.npz", **batch)
+  spec = {
+      "hf_config": bcfg.to_hf_dict(), "model_type": bcfg.model_type, "text_only": text_only,
+      "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype,
+      "alpha": cfg.pixrec.alpha, "beta": cfg.pixrec.beta, "temperature": cfg.pixrec.temperature,
+      "pooling": cfg.pixrec.pooling, "proj_dim": cfg.pixrec.proj_dim, "trainable": cfg.train.trainable,
+      "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "b1": cfg.train.b1, "b2": cfg.train.b2,
+      "clip_norm": cfg.train.clip_norm, "seed": cfg.seed,
+      "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps, "ours": result,
+  }
+  (path / "spec.json").write_text(json.dumps(spec, indent=1))
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True, help="CONFIG.py[:ARGS], as for pixrec_jax.main")
+  parser.add_argument("--batch", type=int, default=0, help="global batch (0: the config's train.batch_size)")
+  parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+  parser.add_argument("--rounds", type=int, default=3, help="timed rounds (the median is reported)")
+  parser.add_argument("--warmup", type=int, default=2, help="steps before timing (the first compiles)")
+  parser.add_argument("--item-tokens", type=int, default=ITEM_TOKENS, help="text tokens per item")
+  parser.add_argument("--platform", default="", help="jax platform (cpu, gpu, tpu); default: jax's choice")
+  parser.add_argument("--spec-out", default="", help="write the batch and settings for bench/torch_reference.py")
+  parser.add_argument("--torch", action="store_true", help="run bench/torch_reference.py after ours, print the ratio")
+  args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+
+  import jax  # pylint: disable=import-outside-toplevel
+  if args.platform:
+    jax.config.update("jax_platforms", args.platform)
+  from pixrec_jax import config_lib, flops  # pylint: disable=import-outside-toplevel
+
+  cfg, _ = config_lib.parse_args(["--config", args.config, *rest])
+  batch_size = args.batch or cfg.train.batch_size
+  text_only = bool(cfg.pixrec.text_only)
+  bcfg = backbone_config(cfg)
+  layout = layout_for(bcfg, max_history=cfg.data.max_history, text_only=text_only, item_tokens=args.item_tokens)
+  batch = synthetic_batch(layout, batch=batch_size, vocab=bcfg.text.vocab_size,
+                          image_token=bcfg.image_token_id or 0, seed=cfg.seed)
+  trainer, rt = build_trainer(cfg, bcfg, text_only)
+  state = [trainer.init_state()]
+  metrics = [None]
+
+  def step():
+    state[0], metrics[0] = trainer.step(state[0], batch)
+
+  step_s, warm_s = time_rounds(step, args.warmup, args.rounds, args.steps,
+                               lambda: jax.block_until_ready((state[0], metrics[0])))
+  loss = float(jax.device_get(metrics[0]["loss"]))
+  n_dev = trainer.mesh.size
+  kind = jax.devices()[0].device_kind
+  shapes = flops.step_shapes(layout, batch_size, images=int(np.prod(batch["images"].shape[:2])) if "images" in batch
+                             else 0)
+  count = flops.train_flops(bcfg, shapes, proj_dim=cfg.pixrec.proj_dim, trainable=cfg.train.trainable,
+                            text_only=text_only)
+  util = flops.mfu(count["total"], step_s, n_dev, kind)
+  result = {
+      "bench": "train_step", "config": args.config, "device": kind, "num_devices": n_dev, "platform":
+      jax.devices()[0].platform, "batch": batch_size, "seq_len": layout.seq_len, "item_len": layout.item_len,
+      "images_per_step": shapes.images, "dtype": rt.dtype, "attention": rt.attention,
+      "runtime": dataclasses.asdict(rt), "trainable": cfg.train.trainable, "step_s": round(step_s, 5),
+      "warmup_s": round(warm_s, 1), "examples_per_s": round(batch_size / step_s, 3),
+      "tflop_per_step": round(count["total"] / 1e12, 4), "tflops_per_device": round(util["tflops_per_device"], 3),
+      "mfu": None if util["mfu"] is None else round(util["mfu"], 4), "loss": loss,
+  }
+  print(f"{args.config}: batch {batch_size}, seq {layout.seq_len}/{layout.item_len}, {shapes.images} images/step, "
+        f"{rt.dtype} compute, {rt.attention} attention on {n_dev} x {kind}")
+  print(f"step {step_s * 1e3:.1f} ms (median of {args.rounds} x {args.steps}), {result['examples_per_s']:.2f} "
+        f"examples/s, {result['tflops_per_device']:.2f} TFLOP/s per device"
+        + ("" if util["mfu"] is None else f", MFU {util['mfu']:.1%}"))
+  if args.spec_out or args.torch:
+    spec_dir = pathlib.Path(args.spec_out or tempfile.mkdtemp(prefix="pixrec_torch_ref_"))
+    write_spec(spec_dir, cfg, bcfg, batch, text_only, args, result)
+    if args.torch:
+      del state[0], metrics[0]
+      script = pathlib.Path(__file__).with_name("torch_reference.py")
+      proc = subprocess.run([sys.executable, str(script), "--spec", str(spec_dir)], check=True, text=True,
+                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+      print(proc.stdout, end="")
+      theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+      result["torch_examples_per_s"] = theirs["torch_examples_per_s"]
+      result["ratio_vs_torch"] = round(result["examples_per_s"] / theirs["torch_examples_per_s"], 3)
+      print(f"ours / PyTorch reference: {result['ratio_vs_torch']:.2f}x")
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()

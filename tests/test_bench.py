@@ -1,0 +1,52 @@
+"""bench/train_step.py's synthetic batches have the shapes training has."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+from pixrec_jax import config_lib
+from pixrec_jax.data import examples, processors, synthetic
+from pixrec_jax.models import zoo
+
+_SPEC = importlib.util.spec_from_file_location("train_step", pathlib.Path(__file__).parents[1] / "bench/train_step.py")
+train_step = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(train_step)
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+  dataset = synthetic.generate(tmp_path_factory.mktemp("synthetic"))
+  return dataset, processors.load_tokenizer(dataset.tokenizer_path)
+
+
+@pytest.mark.parametrize("config", ["configs/demo.py", "configs/smolvlm_256m.py", "configs/paligemma2_3b_224.py",
+                                    "configs/demo.py:text_only"])
+def test_layout_equals_the_prompt_builders_plan_for_the_synthetic_catalogue(catalogue, config):
+  dataset, tokenizer = catalogue
+  cfg, _ = config_lib.parse_args(["--config", config])
+  text_only = bool(cfg.pixrec.text_only)
+  bcfg = zoo.backbone_config(cfg.model, tokenizer)
+  texts = [dataset.item_text(i, cfg.data.template) for i in range(dataset.num_items)]
+  want = examples.PromptBuilder.plan(tokenizer, texts, max_history=cfg.data.max_history,
+                                     image_seq_len=0 if text_only else bcfg.image_seq_len,
+                                     image_size=bcfg.vision.image_size, style=examples.prompt_style(bcfg.model_type))
+  got = train_step.layout_for(bcfg, max_history=cfg.data.max_history, text_only=text_only)
+  assert got == want
+
+
+@pytest.mark.parametrize("style,image_seq_len", [("idefics3", 4), ("paligemma", 16)])
+def test_synthetic_batch_has_one_image_block_per_valid_slot(style, image_seq_len):
+  layout = examples.Layout(max_history=5, max_item_tokens=13, seq_len=256, item_len=40, image_seq_len=image_seq_len,
+                           image_size=8, style=style)
+  batch = train_step.synthetic_batch(layout, batch=16, vocab=96, image_token=3, seed=1)
+  valid = batch["image_valid"].sum(1)
+  assert set(valid) <= set(range(2, 7)) and len(set(valid)) > 1  # 1..5 history items + the target
+  np.testing.assert_array_equal((batch["full_ids"] == 3).sum(1), valid * image_seq_len)
+  np.testing.assert_array_equal((batch["item_ids"] == 3).sum(1), image_seq_len)
+  np.testing.assert_array_equal(batch["target_slot"], valid - 1)
+  rows = np.arange(16)[:, None]
+  np.testing.assert_array_equal(batch["full_ids"][rows, batch["nig_positions"] + 1], batch["nig_labels"])
+  assert (batch["full_mask"] == batch["user_mask"] + batch["target_mask"]).all()
+  assert not batch["images"][~batch["image_valid"]].any() and batch["images"][batch["image_valid"]].std() > 0.5
