@@ -1,6 +1,9 @@
 """python -m pixrec_jax.main --config CONFIG.py[:ARGS] --workdir DIR [--config.KEY=VALUE ...]
 
-Trains PixRec and evaluates it on held-out targets; writes DIR/metrics.json.
+Trains PixRec and evaluates it on held-out targets; writes DIR/metrics.json and
+DIR/report.md (with the baselines of eval.baselines), recall_ndcg.png and gallery.html.
+With --config.eval.seeds=0,1,2 it runs once per seed in DIR/seed_N and reports the
+mean and standard deviation of every metric in DIR/report.md and DIR/report.json.
 Checkpoints go to DIR/checkpoints; running the same command again resumes from the
 latest one. SIGTERM saves at the next step boundary and exits 0.
 """
@@ -26,10 +29,16 @@ def main(argv=None) -> int:
       return 2
     workdir = tempfile.mkdtemp(prefix="pixrec_jax_")
     print(f"no --workdir given: writing to {workdir}")
-  from pixrec_jax.train import checkpoint, run  # after argument errors, which need no jax
+  from pixrec_jax import compare  # after argument errors, which need no jax
+  from pixrec_jax.train import checkpoint, run
 
   try:
-    run.train_and_evaluate(cfg, workdir)
+    if cfg.eval.seeds:
+      compare.run_seeds(cfg, workdir)
+    else:
+      run.train_and_evaluate(cfg, workdir)
+  except compare.Preempted as e:
+    print(f"pixrec_jax: {e}", flush=True)
   except (run.NonFiniteLossError, checkpoint.CheckpointMismatchError, checkpoint.NonFiniteStateError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

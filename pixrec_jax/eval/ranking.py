@@ -19,7 +19,7 @@ import hashlib
 import json
 import pathlib
 import uuid
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -169,6 +169,16 @@ class EmbeddingCache:
     finally:
       tmp.unlink(missing_ok=True)
 
+  def get(self, compute: Callable[[], np.ndarray], rows: int, write: bool = True) -> tuple[np.ndarray, bool]:
+    """(the cached (rows, P) embeddings, True), or (compute(), False) after storing them when `write`."""
+    cached = self.load()
+    if cached is not None and cached.shape[0] == rows:
+      return cached, True
+    emb = compute()
+    if write:
+      self.store(emb)
+    return emb, False
+
 
 def cached_catalog_embeddings(graphdef, states, builder: PromptBuilder, item_keys: Sequence[Hashable], mesh,
                               settings: EvalSettings, cache: EmbeddingCache | None,
@@ -176,14 +186,10 @@ def cached_catalog_embeddings(graphdef, states, builder: PromptBuilder, item_key
   """(catalog_embeddings, whether they came from `cache`); computed and stored (when `write`: one
   process of a multi-process job) on a miss. Every process reads the same shared file, so all
   agree on whether to run the (collective) catalogue pass."""
-  if cache is not None:
-    cached = cache.load()
-    if cached is not None and cached.shape[0] == len(item_keys):
-      return cached, True
-  emb = catalog_embeddings(graphdef, states, builder, item_keys, mesh, settings)
-  if cache is not None and write:
-    cache.store(emb)
-  return emb, False
+  compute = lambda: catalog_embeddings(graphdef, states, builder, item_keys, mesh, settings)
+  if cache is None:
+    return compute(), False
+  return cache.get(compute, len(item_keys), write)
 
 
 @functools.partial(jax.jit, static_argnames="top_k")

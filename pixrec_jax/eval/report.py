@@ -52,6 +52,10 @@ def markdown(report: dict) -> str:
   for name, m in models.items():
     std = m.get("std") or {}
     lines.append(f"| {name} | " + " | ".join(_cell(m["metrics"][k], std.get(k)) for k in keys) + " |")
+  ratio = report.get("ratio_images_to_text")
+  if ratio:
+    lines.append("| images / text only | " + " | ".join("n/a" if ratio.get(k) is None else f"{ratio[k]:.2f}x"
+                                                         for k in keys) + " |")
   cold = {name: m.get("cold_start") for name, m in models.items() if m.get("cold_start") is not None}
   if cold:
     users = next(iter(cold.values()))["users"]
