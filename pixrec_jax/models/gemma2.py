@@ -21,7 +21,7 @@ from flax import nnx
 from pixrec_jax import sharding
 from pixrec_jax.models import layers, scan
 from pixrec_jax.models.config import Runtime, TextConfig
-from pixrec_jax.models.llama import MLP, Attention
+from pixrec_jax.models.llama import MLP, Attention, cached_mask, init_cache, run_cached
 
 
 class DecoderLayer(nnx.Module):
@@ -36,10 +36,16 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, rt, rngs)
     self.post_feedforward_layernorm = layers.GemmaRMSNorm(d, eps, **norm)
 
-  def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), mask, positions, inv_freq))
+  def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, inv_freq: jax.Array, cache=None,
+               cache_index: jax.Array | int = 0):
+    """Returns x, or (x, cache) when given a cache (see `llama.Attention`)."""
+    attn = self.self_attn(self.input_layernorm(x), mask, positions, inv_freq, cache, cache_index)
+    if cache is not None:
+      attn, cache = attn
+    x = x + self.post_attention_layernorm(attn)
     x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-    return sharding.constrain(x, ("batch", "length", None))
+    x = sharding.constrain(x, ("batch", "length", None))
+    return x if cache is None else (x, cache)
 
 
 def attention_masks(attention_mask: jax.Array | None, token_type_ids: jax.Array | None, batch: int, length: int,
@@ -82,14 +88,34 @@ class Gemma2Model(nnx.Module):
       self.layers = nnx.List([make() for _ in range(cfg.num_hidden_layers)])
     self.norm = layers.GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=rt.params_dtype, rngs=rngs)
 
+  def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
+    return init_cache(self.cfg, self.dtype, batch, length)
+
   def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None, token_type_ids: jax.Array | None = None) -> jax.Array:
+               position_ids: jax.Array | None = None, token_type_ids: jax.Array | None = None,
+               cache: dict[str, jax.Array] | None = None, cache_index: jax.Array | int = 0):
+    """With `cache`, as `LlamaModel`: causal decoding (no bidirectional prefix), sliding layers
+    limited to sliding_window slots back; returns (hidden, cache)."""
     b, t, _ = inputs_embeds.shape
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
-    masks = attention_masks(attention_mask, token_type_ids, b, t, self.cfg.sliding_window)
     inv_freq = layers.rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta)
     x = sharding.constrain(inputs_embeds.astype(self.dtype), ("batch", "length", None))
+    if cache is not None:
+      if token_type_ids is not None:
+        raise ValueError("cached decoding is causal: token_type_ids (a bidirectional prefix) is not supported")
+      full = cached_mask(attention_mask, cache_index, t)
+      window = cached_mask(attention_mask, cache_index, t, self.cfg.sliding_window)
+      if self.scan_layers:
+        xs = jnp.asarray([kind == "sliding_attention" for kind in self.cfg.attention_types])
+        pick = lambda is_sliding: jnp.where(is_sliding, window, full)
+      else:
+        xs = self.cfg.attention_types
+        pick = lambda kind: window if kind == "sliding_attention" else full
+      call = lambda layer, x, kv, kind: layer(x, pick(kind), position_ids, inv_freq, kv, cache_index)
+      x, cache = run_cached(self.layers, self.scan_layers, x, cache, call, xs)
+      return self.norm(x), cache
+    masks = attention_masks(attention_mask, token_type_ids, b, t, self.cfg.sliding_window)
     if self.scan_layers:
       # One traced layer serves both kinds: each layer's flag picks its mask.
       sliding = jnp.asarray([kind == "sliding_attention" for kind in self.cfg.attention_types])

@@ -29,15 +29,21 @@ class Attention(nnx.Module):
     self.v_proj = layers.Linear(d, self.num_kv_heads * h, axes=("embed", "kv_heads"), **kw)
     self.o_proj = layers.Linear(self.num_heads * h, d, axes=("heads", "embed"), **kw)
 
-  def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+               cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | int = 0):
+    """With `cache` (keys, values: (B, S, K, H)), x's keys and values are written at slot
+    cache_index, the queries attend over all S slots (as `mask` allows), and (out, cache) is returned."""
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     q = layers.apply_rope(q, positions, inv_freq)
     k = layers.apply_rope(k, positions, inv_freq)
-    out = layers.attention(q, k, v, mask, self.scale, self.implementation, self.softcap)
-    return self.o_proj(out.reshape(b, t, -1))
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
+    out = self.o_proj(layers.attention(q, k, v, mask, self.scale, self.implementation, self.softcap).reshape(b, t, -1))
+    return out if cache is None else (out, (k, v))
 
 
 class MLP(nnx.Module):
@@ -62,10 +68,16 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
     self.mlp = MLP(cfg, rt, rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    x = x + self.self_attn(self.input_layernorm(x), mask, positions, inv_freq)
+  def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, inv_freq: jax.Array, cache=None,
+               cache_index: jax.Array | int = 0):
+    """Returns x, or (x, cache) when given a cache (see `Attention`)."""
+    attn = self.self_attn(self.input_layernorm(x), mask, positions, inv_freq, cache, cache_index)
+    if cache is not None:
+      attn, cache = attn
+    x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return sharding.constrain(x, ("batch", "length", None))
+    x = sharding.constrain(x, ("batch", "length", None))
+    return x if cache is None else (x, cache)
 
 
 def causal_mask(attention_mask: jax.Array | None, batch: int, length: int) -> jax.Array:
@@ -74,6 +86,48 @@ def causal_mask(attention_mask: jax.Array | None, batch: int, length: int) -> ja
   if attention_mask is None:
     return jnp.broadcast_to(causal, (batch, 1, length, length))
   return causal & attention_mask.astype(bool)[:, None, None, :]
+
+
+def init_cache(cfg: TextConfig, dtype, batch: int, length: int) -> dict[str, jax.Array]:
+  """Zero keys and values for cached decoding, {"k", "v"}: (layers, batch, length, kv_heads, head_dim) each.
+
+  Stacked by layer in both layouts: a scanned stack scans over them with its layers, a looped
+  one indexes them.
+  """
+  shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def cached_mask(key_valid: jax.Array, cache_index: jax.Array | int, length: int,
+                sliding_window: int | None = None) -> jax.Array:
+  """(B, 1, T, S) boolean for T queries at cache slots cache_index.. over all S slots: causal by slot
+  (and at most sliding_window - 1 slots back), and only keys that key_valid (B, S) marks."""
+  q = cache_index + jnp.arange(length)[:, None]
+  k = jnp.arange(key_valid.shape[1])[None, :]
+  allowed = k <= q
+  if sliding_window is not None:
+    allowed = allowed & (k > q - sliding_window)
+  return allowed[None, None] & key_valid.astype(bool)[:, None, None, :]
+
+
+def run_cached(stack, scanned: bool, x: jax.Array, cache: dict[str, jax.Array], call, xs=None):
+  """x through every layer with its slice of the cache, x, (k, v) = call(layer, x, (k, v), xs[i]);
+  returns x and the updated cache, stacked as `init_cache` makes it."""
+  if scanned:
+    graphdef, state = nnx.split(stack)
+
+    def body(x, inputs):
+      layer_state, k, v, layer_xs = inputs
+      return call(nnx.merge(graphdef, layer_state), x, (k, v), layer_xs)
+
+    x, (k, v) = jax.lax.scan(body, x, (state, cache["k"], cache["v"], xs))
+    return x, {"k": k, "v": v}
+  ks, vs = [], []
+  for i, layer in enumerate(stack):
+    x, (k, v) = call(layer, x, (cache["k"][i], cache["v"][i]), None if xs is None else xs[i])
+    ks.append(k)
+    vs.append(v)
+  return x, {"k": jnp.stack(ks), "v": jnp.stack(vs)}
 
 
 class LlamaModel(nnx.Module):
@@ -93,15 +147,26 @@ class LlamaModel(nnx.Module):
       self.layers = nnx.List([make() for _ in range(cfg.num_hidden_layers)])
     self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=rt.params_dtype, rngs=rngs)
 
+  def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
+    return init_cache(self.cfg, self.dtype, batch, length)
+
   def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None) -> jax.Array:
+               position_ids: jax.Array | None = None, cache: dict[str, jax.Array] | None = None,
+               cache_index: jax.Array | int = 0):
+    """With `cache` (from `init_cache`), attention_mask marks the valid slots of the whole cache
+    (B, S), the inputs go to slots cache_index.., and (hidden, cache) is returned."""
     b, t, _ = inputs_embeds.shape
     if position_ids is None:
       # Hugging Face's default: 0..T-1 whatever the padding.
       position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
-    mask = causal_mask(attention_mask, b, t)
     inv_freq = layers.rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta)
     x = sharding.constrain(inputs_embeds.astype(self.dtype), ("batch", "length", None))
+    if cache is not None:
+      mask = cached_mask(attention_mask, cache_index, t)
+      call = lambda layer, x, kv, _: layer(x, mask, position_ids, inv_freq, kv, cache_index)
+      x, cache = run_cached(self.layers, self.scan_layers, x, cache, call)
+      return self.norm(x), cache
+    mask = causal_mask(attention_mask, b, t)
     call = lambda layer, x, _: layer(x, mask, position_ids, inv_freq)
     if self.scan_layers:
       x = scan.scan(self.layers, x, call, remat_name=self.remat)
