@@ -50,6 +50,19 @@ def job_defaults() -> ml_collections.ConfigDict:
   c.eval.gallery_users = 8  # test users shown in gallery.html (0: no gallery)
   c.eval.top_k = 10  # items recommended per gallery user
   c.eval.seeds = ()  # e.g. (0, 1, 2): one run per seed in WORKDIR/seed_N, then their mean and std
+  c.eval.protocol = "dense"  # dense (two towers) | generative (the paper's: beam search + BM25) | both
+  c.eval.generative = ml_collections.ConfigDict()  # pixrec_jax.eval.generative
+  c.eval.generative.num_beams = 8  # the paper: 32
+  c.eval.generative.max_new_tokens = 0  # 0: the longest item text (data.max_item_tokens); the paper: 50
+  c.eval.generative.repetition_penalty = 1.2
+  c.eval.generative.length_penalty = 1.0  # beam score = sum of log-probabilities / new tokens ** this
+  c.eval.generative.early_stopping = False  # transformers' meaning: False, True or "never"
+  c.eval.generative.eps = 1 / 5000  # each beam's BM25 scores weigh exp(eps * beam score)
+  c.eval.generative.do_sample = False  # the paper sampled (temperature 0.5): random metrics; off by default
+  c.eval.generative.temperature = 0.5
+  c.eval.generative.seed = 0
+  c.eval.generative.batch_size = 8  # users per beam search, num_beams rows each
+  c.eval.generative.max_users = 0  # 0: every case of a split; N > 0: its first N (a faster estimate)
   return c
 
 

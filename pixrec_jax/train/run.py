@@ -24,6 +24,7 @@ from pixrec_jax.convert import hf
 from pixrec_jax.data import processors
 from pixrec_jax.data import catalog, examples, images, paper_format, pipeline, synthetic
 from pixrec_jax.eval import baselines, ranking, report
+from pixrec_jax.eval import bm25, generative
 from pixrec_jax.models.backbone import Backbone
 from pixrec_jax.models import zoo
 from pixrec_jax.models.config import BackboneConfig, Runtime
@@ -93,11 +94,14 @@ def load_pretrained_backbone(trainer: Trainer, state, path: str):
   return state._replace(params=params, frozen=frozen)
 
 
-def _format_table(results: dict[str, dict[str, float]]) -> str:
+def _format_table(results: dict[str, dict[str, float]], reports: dict | None = None) -> str:
+  """Metrics by split (and protocol), with users/s where the reports have it."""
   keys = list(next(iter(results.values())))
-  head = "| split | " + " | ".join(keys) + " |"
-  rule = "|" + "---|" * (len(keys) + 1)
-  rows = [f"| {split} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |" for split, m in results.items()]
+  speed = lambda split: (reports or {}).get(split, {}).get("users_per_second")
+  head = "| split | " + " | ".join(keys) + " | users/s |"
+  rule = "|" + "---|" * (len(keys) + 2)
+  rows = [f"| {split} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " | "
+          + (f"{speed(split):.1f}" if speed(split) else "") + " |" for split, m in results.items()]
   return "\n".join([head, rule] + rows)
 
 
@@ -337,20 +341,35 @@ def catalog_embeddings(job: Job, state, settings: ranking.EvalSettings) -> np.nd
 
 
 def evaluate(job: Job, state) -> tuple[dict, dict]:
-  """Whole-catalogue dense ranking for each configured split: (metrics, reports) by split."""
+  """Whole-catalogue ranking for each configured split by eval.protocol: dense (keyed by split),
+  generative (keyed "generative/SPLIT") or both: (metrics, reports). users/s counts a split's
+  own pass (for dense: its users' embeddings and ranking; the catalogue pass is shared)."""
   cfg = job.cfg
+  protocol = generative.check_protocol(cfg.eval.get("protocol", "dense"))
   settings = eval_settings(job)
   states = (state.params, state.frozen)
   graphdef = job.trainer.graphdef
-  item_emb = catalog_embeddings(job, state, settings)
-  seen = baselines.seen_items(job.splits, job.dataset.num_items)
+  if protocol != "generative":
+    item_emb = catalog_embeddings(job, state, settings)
+    seen = baselines.seen_items(job.splits, job.dataset.num_items)
+  if protocol != "dense":
+    gen_settings = generative.GenerativeSettings.from_config(cfg.eval.generative, job.builder.layout.max_item_tokens,
+                                                             cfg.eval.mask_history, job.is_main)
+    index = bm25.CatalogIndex(job.builder.item_texts)
   results, reports = {}, {}
   for split in cfg.eval.splits:
     cases = {"valid": job.splits.valid, "test": job.splits.test}.get(split)
     if cases is None:
       raise ValueError(f"eval.splits entries must be 'valid' or 'test', got {split!r}")
-    results[split], reports[split] = ranking.evaluate_split(graphdef, states, job.builder, cases, item_emb, job.mesh,
-                                                            settings, split, seen_items=seen)
+    if protocol != "generative":
+      start = time.perf_counter()
+      results[split], reports[split] = ranking.evaluate_split(graphdef, states, job.builder, cases, item_emb,
+                                                              job.mesh, settings, split, seen_items=seen)
+      reports[split]["users_per_second"] = len(cases) / (time.perf_counter() - start)
+    if protocol != "dense":
+      key = f"generative/{split}"
+      results[key], reports[key] = generative.evaluate_split(graphdef, states, job.builder, cases, index,
+                                                             gen_settings, split, job.mesh)
   return results, reports
 
 
@@ -386,11 +405,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
   if job.is_main:
     (job.workdir / "metrics.json").write_text(json.dumps(out, indent=2, default=_to_python))
     if results:
-      print(_format_table(results))
+      print(_format_table(results, reports))
     print(f"wrote {job.workdir / 'metrics.json'}")
-  if results and cfg.eval.report:
+  dense = {split: m for split, m in results.items() if not split.startswith("generative/")}
+  if dense and cfg.eval.report:
     settings = eval_settings(job)
-    report.run_report(job, state, results, reports, catalog_embeddings(job, state, settings), settings)
+    report.run_report(job, state, dense, reports, catalog_embeddings(job, state, settings), settings)
     if job.is_main:
       print(f"wrote {job.workdir / report.REPORT_MD}, {report.PLOT} and {report.GALLERY}")
   return out
