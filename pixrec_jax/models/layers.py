@@ -41,7 +41,7 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], dtype, axes: Axe
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel (+ bias); kernel stored (in, out)."""
+  """y = x @ kernel (+ bias); kernel stored (in, out). A LoRA adapter, when attached, adds its update."""
 
   def __init__(
       self,
@@ -58,9 +58,12 @@ class Linear(nnx.Module):
     self.dtype = dtype
     self.kernel = param(rngs, nnx.initializers.normal(init_std), (in_features, out_features), param_dtype, axes)
     self.bias = param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, (axes[1],)) if use_bias else None
+    self.lora = nnx.data(None)  # a LoRA adapter, attached by pixrec_jax.models.lora.apply
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.lora is not None:
+      y = y + self.lora(x, self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

@@ -26,6 +26,25 @@ class LossWeights:
     return 1.0 - self.alpha - self.beta
 
 
+def nig_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(weighted token NLL sum, weighted correct-token count) of next-item generation.
+
+  Sums rather than means, so that microbatches add up to the batch's figures (the
+  mean divides by the batch's token count, `nig_weights.sum()`).
+  """
+  logits = logits.astype(jnp.float32)
+  weights = weights.astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  return (nll * weights).sum(), (correct * weights).sum()
+
+
+def nig_count(weights: jax.Array) -> jax.Array:
+  """The number of target tokens NIG averages over (at least 1)."""
+  return jnp.maximum(weights.astype(jnp.float32).sum(), 1.0)
+
+
 def next_item_generation(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Token cross-entropy on the target segment's text tokens.
 
@@ -33,13 +52,9 @@ def next_item_generation(logits: jax.Array, labels: jax.Array, weights: jax.Arra
   tokens `labels` (B, K); `weights` is 0 for padding slots. History, image and
   padding tokens never appear here. Returns (mean loss, token accuracy).
   """
-  logits = logits.astype(jnp.float32)
-  weights = weights.astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-  count = jnp.maximum(weights.sum(), 1.0)
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-  return (nll * weights).sum() / count, (correct * weights).sum() / count
+  nll, correct = nig_sums(logits, labels, weights)
+  count = nig_count(weights)
+  return nll / count, correct / count
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -66,12 +81,20 @@ def info_nce(queries: jax.Array, keys: jax.Array, item_ids: jax.Array, temperatu
   return loss, accuracy
 
 
+EMBEDDINGS = ("user", "target_given_user", "item")
+
+
+def contrastive_loss(embeddings: dict, target_item: jax.Array, weights: LossWeights) -> tuple[jax.Array, dict]:
+  """alpha * L_TT + beta * L_UT on the whole batch's embeddings (the keys of EMBEDDINGS)."""
+  tt, tt_acc = info_nce(embeddings["target_given_user"], embeddings["item"], target_item, weights.temperature)
+  ut, ut_acc = info_nce(embeddings["user"], embeddings["item"], target_item, weights.temperature)
+  return weights.alpha * tt + weights.beta * ut, {"l_tt": tt, "l_ut": ut, "tt_acc": tt_acc, "ut_acc": ut_acc}
+
+
 def mixed_loss(outputs: dict, batch: dict, weights: LossWeights) -> tuple[jax.Array, dict]:
   """outputs: nig_logits, user, target_given_user, item (from PixRec.train_outputs)."""
   nig, nig_acc = next_item_generation(outputs["nig_logits"], batch["nig_labels"], batch["nig_weights"])
-  tt, tt_acc = info_nce(outputs["target_given_user"], outputs["item"], batch["target_item"], weights.temperature)
-  ut, ut_acc = info_nce(outputs["user"], outputs["item"], batch["target_item"], weights.temperature)
-  loss = weights.nig * nig + weights.alpha * tt + weights.beta * ut
-  metrics = {"loss": loss, "nig": nig, "l_tt": tt, "l_ut": ut, "nig_token_acc": nig_acc, "tt_acc": tt_acc,
-             "ut_acc": ut_acc}
-  return loss, metrics
+  contrastive, metrics = contrastive_loss(outputs, batch["target_item"], weights)
+  loss = weights.nig * nig + contrastive
+  return loss, {"loss": loss, "nig": nig, "l_tt": metrics["l_tt"], "l_ut": metrics["l_ut"], "nig_token_acc": nig_acc,
+                "tt_acc": metrics["tt_acc"], "ut_acc": metrics["ut_acc"]}

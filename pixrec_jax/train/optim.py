@@ -7,6 +7,9 @@ from typing import Sequence
 import optax
 from flax import nnx
 
+from pixrec_jax.models import lora as lora_lib
+from pixrec_jax.models.lora import LoRAParam
+
 TRAINABLE = ("all", "heads_lm_head", "frozen_vision")
 
 
@@ -43,21 +46,45 @@ def _under(prefixes: Sequence[tuple]):
   return f
 
 
-def trainable_filter(mode: str, *, tied_embeddings: bool, text_only: bool):
+def trainable_filter(mode: str, *, tied_embeddings: bool, text_only: bool, lora: bool = False):
   """Which parameters train.
 
   all: everything (but the vision tower in text-only mode, which reads no image).
   heads_lm_head: the paper's frozen mode: the two projection heads and the LM head
     (with tied embeddings the LM head is the embedding table, which then trains).
   frozen_vision: everything except the vision tower (the connector trains).
+
+  With `lora` the base weights are frozen: the adapters (LoRAParam) and the two
+  projection heads train, plus what the mode adds beyond "all": the LM head
+  (heads_lm_head) or everything but the vision tower (frozen_vision).
   """
   if mode not in TRAINABLE:
     raise ValueError(f"train.trainable must be one of {TRAINABLE}, got {mode!r}")
   vision = [("backbone", "vision_model")] + ([("backbone", "connector")] if text_only else [])
+  heads = [("user_proj",), ("item_proj",)]
+  if lora:
+    if mode == "all":
+      return nnx.Any(LoRAParam, nnx.All(nnx.Param, _under(heads)))
+    return nnx.Any(LoRAParam, trainable_filter(mode, tied_embeddings=tied_embeddings, text_only=text_only))
   if mode == "all":
     frozen = vision if text_only else []
     return nnx.All(nnx.Param, nnx.Not(_under(frozen))) if frozen else nnx.Param
   if mode == "frozen_vision":
     return nnx.All(nnx.Param, nnx.Not(_under(vision)))
   head = ("backbone", "text_model", "embed_tokens") if tied_embeddings else ("backbone", "lm_head")
-  return nnx.All(nnx.Param, _under([("user_proj",), ("item_proj",), head]))
+  return nnx.All(nnx.Param, _under(heads + [head]))
+
+
+def freeze(trainable, patterns: Sequence[str], model: nnx.Module):
+  """`trainable` less the parameters whose path matches one of `patterns` (train.freeze).
+
+  A pattern that matches no parameter of `model` is an error naming it.
+  """
+  if not patterns:
+    return trainable
+  if isinstance(patterns, str):
+    patterns = (patterns,)
+  paths = [lora_lib.join(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+  lora_lib.check_patterns_match(patterns, paths, "train.freeze")
+  match = lora_lib.path_matcher(patterns, "train.freeze")
+  return nnx.All(trainable, nnx.Not(lambda path, _: match(lora_lib.join(path))))

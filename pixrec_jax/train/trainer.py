@@ -9,11 +9,24 @@ An update whose loss or gradient is not finite is not applied: parameters and
 optimiser state stay as they were, decided on the device so that the host never
 waits for it, and the state counts such steps (the run then stops or carries on,
 by `train.nonfinite`).
+
+With `grad_accum_steps` k > 1 the global batch is cut into k microbatches and the
+update is the large batch's, exactly, GradCache-style (Gao et al. 2021): PixRec's
+contrastive terms compare every example with every other, so averaging the
+microbatches' own gradients would not be the batch's gradient. Pass 1 computes
+every microbatch's embeddings (no gradients kept); the batch's contrastive loss
+gives their cotangents; pass 2 re-runs each microbatch under `jax.vjp` with those
+cotangents (and NIG's, a sum over tokens that decomposes), summing parameter
+gradients. Activation memory is one microbatch's; compute is about 1.5 forwards
+more per step.
+
+LoRA dropout (models.lora) gets a key from (seed, step, microbatch), the same in
+both passes, so that pass 2 differentiates the forward pass 1 ran.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +36,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pixrec_jax import sharding as shd
+from pixrec_jax.models import lora
+from pixrec_jax.recsys import losses
 from pixrec_jax.recsys.losses import LossWeights, mixed_loss
+from pixrec_jax.train import optim
 
 
 class TrainState(NamedTuple):
@@ -48,12 +64,16 @@ class Trainer:
   """Owns the graph definition, the optimiser and the compiled step."""
 
   def __init__(self, model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation, trainable,
-               weights: LossWeights, mesh: Mesh, schedule: optax.Schedule | None = None):
+               weights: LossWeights, mesh: Mesh, schedule: optax.Schedule | None = None, *,
+               grad_accum_steps: int = 1, freeze: Sequence[str] = (), seed: int = 0):
+    if grad_accum_steps < 1:
+      raise ValueError(f"train.grad_accum_steps must be >= 1, got {grad_accum_steps}")
     self.tx = tx
-    self.trainable = trainable
     self.weights = weights
     self.mesh = mesh
     self.schedule = schedule
+    self.grad_accum_steps = grad_accum_steps
+    self.seed = seed
 
     def init() -> TrainState:
       model = model_fn()
@@ -62,6 +82,8 @@ class Trainer:
       return TrainState(zero, params, frozen, tx.init(params), zero, zero)
 
     abstract_model = nnx.eval_shape(model_fn)
+    trainable = optim.freeze(trainable, freeze, abstract_model)
+    self.trainable = trainable
     self.graphdef = nnx.split(abstract_model, trainable, ...)[0]
     abstract = jax.eval_shape(init)
     self.state_shardings = _shardings(abstract, mesh)
@@ -82,12 +104,75 @@ class Trainer:
     count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
     return {"trainable": count(state.params), "frozen": count(state.frozen)}
 
-  def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def _dropout_key(self, step: jax.Array, micro: int | jax.Array = 0) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), step), micro)
+
+  def _model(self, params, frozen, key) -> nnx.Module:
+    model = nnx.merge(self.graphdef, params, frozen)
+    lora.set_dropout_key(model, key)
+    return model
+
+  def _loss_and_grads(self, state: TrainState, batch: dict) -> tuple[dict, Any]:
+    """(metrics, gradients) of the mixed loss on the whole batch, in one pass."""
     def loss_fn(params):
-      model = nnx.merge(self.graphdef, params, state.frozen)
+      model = self._model(params, state.frozen, self._dropout_key(state.step))
       return mixed_loss(model.train_outputs(batch), batch, self.weights)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return metrics, grads
+
+  def _accumulated_loss_and_grads(self, state: TrainState, batch: dict) -> tuple[dict, Any]:
+    """The same (metrics, gradients) as `_loss_and_grads`, from k microbatches (see the module docstring)."""
+    k = self.grad_accum_steps
+    n = next(iter(batch.values())).shape[0]
+    # Microbatch j is rows j, j + k, j + 2k, ...: a batch sharded in row blocks stays sharded over
+    # every device in each microbatch.
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((n // k, k) + x.shape[1:]), 0, 1), batch)
+    weights = self.weights
+    count = losses.nig_count(batch["nig_weights"])
+
+    def forward(params, mb, j):
+      mb = jax.tree.map(lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
+      model = self._model(params, state.frozen, self._dropout_key(state.step, j))
+      out = model.train_outputs(mb)
+      nll, correct = losses.nig_sums(out["nig_logits"], mb["nig_labels"], mb["nig_weights"])
+      return {name: out[name] for name in losses.EMBEDDINGS}, nll, correct
+
+    def embed(_, xs):
+      mb, j = xs
+      return None, forward(state.params, mb, j)
+
+    steps = jnp.arange(k)
+    _, (emb, nll, correct) = jax.lax.scan(embed, None, (micro, steps))
+    # (k, n / k, P) back to the batch's row order.
+    emb = jax.tree.map(lambda e: jnp.swapaxes(e, 0, 1).reshape((n,) + e.shape[2:]), emb)
+    (contrastive, metrics), emb_grads = jax.value_and_grad(losses.contrastive_loss, has_aux=True)(
+        emb, batch["target_item"], weights)
+    emb_grads = jax.tree.map(lambda g: jnp.swapaxes(g.reshape((n // k, k) + g.shape[1:]), 0, 1), emb_grads)
+    nig_cotangent = jnp.asarray(weights.nig, jnp.float32) / count
+
+    def backward(grads, xs):
+      mb, j, cot = xs
+      _, vjp = jax.vjp(lambda p: forward(p, mb, j)[:2], state.params)
+      (g,) = vjp((cot, nig_cotangent))
+      return jax.tree.map(jnp.add, grads, g), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, _ = jax.lax.scan(backward, zeros, (micro, steps, emb_grads))
+    nig = nll.sum() / count
+    loss = weights.nig * nig + contrastive
+    return {"loss": loss, "nig": nig, "l_tt": metrics["l_tt"], "l_ut": metrics["l_ut"],
+            "nig_token_acc": correct.sum() / count, "tt_acc": metrics["tt_acc"], "ut_acc": metrics["ut_acc"]}, grads
+
+  def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    if self.grad_accum_steps > 1:
+      metrics, grads = self._accumulated_loss_and_grads(state, batch)
+    else:
+      metrics, grads = self._loss_and_grads(state, batch)
+    return self._update(state, metrics, grads)
+
+  def _update(self, state: TrainState, metrics: dict, grads: Any) -> tuple[TrainState, dict]:
+    """One optimiser update from the batch's gradients, unless the loss or the gradient is not finite."""
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -107,12 +192,30 @@ class Trainer:
   def batch_shardings(self, batch: dict) -> dict:
     return shd.tree_batch_shardings(batch, self.mesh)
 
+  def check_batch_size(self, batch_size: int) -> None:
+    k = self.grad_accum_steps
+    if batch_size % k:
+      raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum_steps={k}")
+
+  def jitted_step(self, batch_shardings: dict):
+    """The train step jitted with the state's and the batch's shardings, the state donated."""
+    return jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_shardings),
+                   out_shardings=(self.state_shardings, shd.replicated(self.mesh)), donate_argnums=(0,))
+
+  def lower(self, abstract_batch: dict):
+    """The train step lowered for the abstract state and a batch of these shapes (nothing is allocated)."""
+    self.check_batch_size(next(iter(abstract_batch.values())).shape[0])
+    shardings = self.batch_shardings(abstract_batch)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in abstract_batch.items()}
+    with jax.set_mesh(self.mesh):
+      return self.jitted_step(shardings).lower(self.abstract_state, batch)
+
   def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One update. `batch` is this host's numpy batch; it becomes a global array here."""
     shardings = self.batch_shardings(batch)
-    if self._step is None:
-      self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, shardings),
-                           out_shardings=(self.state_shardings, shd.replicated(self.mesh)), donate_argnums=(0,))
     global_batch = {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+    self.check_batch_size(next(iter(global_batch.values())).shape[0])
+    if self._step is None:
+      self._step = self.jitted_step(shardings)
     with jax.set_mesh(self.mesh):
       return self._step(state, global_batch)
