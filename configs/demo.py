@@ -60,6 +60,10 @@ def get_config(arg=None):
   c.data.max_item_tokens = 0  # 0: the longest item text of the catalogue
   c.data.max_image_tiles = 0  # with model.path: split tiles per image at most (0: the processor's bound)
   c.data.num_workers = 0  # grain worker processes (0: in the main process)
+  # > 0: a batch carries each distinct image tile once, in this many rows per global batch, so the vision tower
+  # skips empty slots and repeats; a batch with more drops its longest histories' oldest items (counted).
+  # About batch_size * (max_history + 3) / 2 * 1.2 tiles (one per image); 0: every slot, B * (max_history + 1).
+  c.data.image_budget = 0
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 650

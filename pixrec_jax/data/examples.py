@@ -43,12 +43,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from pixrec_jax.data import prompts
-from pixrec_jax.data.images import ImageStore
+
+if TYPE_CHECKING:  # layouts and prompts need no PIL: bench/train_step.py runs where it is missing
+  from pixrec_jax.data.images import ImageStore
 
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"

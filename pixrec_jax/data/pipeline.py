@@ -69,14 +69,73 @@ class _BuildTrainExample(grain.transforms.Map):
     return out
 
 
-class _BuildTrainBatch(grain.transforms.Map):
+def _slot_tiles(builder: PromptBuilder, history: Sequence[int], target: int, dropped: int) -> list[tuple[int, int]]:
+  """(item, tile) of each image slot of builder.train_example(history, target), in slot order."""
+  shown = list(history)[-builder.layout.max_history:][dropped:] + [target]
+  tiles = []
+  for item in shown:
+    if builder.images.has_image(item):
+      rows, cols = builder.images.grid(item)
+      tiles += [(int(item), j) for j in range(rows * cols + 1)]
+  return tiles
 
-  def __init__(self, builder: PromptBuilder):
+
+def pack_images(batch: dict[str, np.ndarray], slot_tiles: list[list[tuple[int, int]]], budget: int,
+                row_offset: int = 0) -> dict[str, np.ndarray]:
+  """Each distinct image tile of the batch once: `images` becomes (budget, C, H, W) rows and
+  `image_index` (B, M) gives every slot's row (+ row_offset: this host's first row of the global
+  array; 0 for empty slots, which are never read). The vision tower then encodes `budget` rows
+  instead of B * M slots, most of which are padding or repeats."""
+  images, valid = batch["images"], batch["image_valid"]
+  rows, index = {}, np.zeros(valid.shape, np.int32)
+  packed = np.zeros((budget,) + images.shape[2:], images.dtype)
+  for b, tiles in enumerate(slot_tiles):
+    if len(tiles) != int(valid[b].sum()):
+      raise ValueError(f"example {b}: {int(valid[b].sum())} image slots but {len(tiles)} tiles from its items")
+    for slot, key in enumerate(tiles):
+      if key not in rows:
+        if len(rows) == budget:
+          raise ValueError(f"the batch has more than data.image_budget={budget} distinct image tiles")
+        rows[key] = len(rows)
+        packed[rows[key]] = images[b, slot]
+      index[b, slot] = row_offset + rows[key]
+  return {**batch, "images": packed, "image_index": index}
+
+
+class _BuildTrainBatch(grain.transforms.Map):
+  """Stacks a batch's examples; with an image budget, packs their images (pack_images), first
+  dropping the oldest history item of the example showing most tiles until the distinct tiles fit."""
+
+  def __init__(self, builder: PromptBuilder, image_budget: int = 0, row_offset: int = 0):
     self.build = _BuildTrainExample(builder)
+    self.builder = builder
+    self.image_budget = image_budget
+    self.row_offset = row_offset
 
   def map(self, windows: list[Window]) -> dict[str, np.ndarray]:
+    windows = list(windows)
     examples = [self.build.map(w) for w in windows]
-    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    if self.image_budget:
+      extra = [0] * len(windows)  # history items dropped here, beyond the prompt's own drops
+      while True:
+        tiles = [_slot_tiles(self.builder, w.history, w.target, int(e["dropped_history"]))
+                 for w, e in zip(windows, examples)]
+        if len({key for t in tiles for key in t}) <= self.image_budget:
+          break
+        b = max(range(len(windows)), key=lambda j: (len(tiles[j]), -j))
+        if len(windows[b].history) <= 1:
+          raise ValueError(f"data.image_budget={self.image_budget} is too small for a batch of "
+                           f"{len(windows)} targets with their images")
+        w = windows[b]
+        windows[b] = Window(w.user_index, w.history[1:], w.target)
+        extra[b] += 1
+        examples[b] = self.build.map(windows[b])
+      for e, n in zip(examples, extra):
+        e["dropped_history"] = np.int32(e["dropped_history"] + n)
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    if self.image_budget:
+      batch = pack_images(batch, tiles, self.image_budget, self.row_offset)
+    return batch
 
 
 def _multiprocess(it: grain.IterDataset, options: grain.MultiprocessingOptions) -> grain.IterDataset:
@@ -95,9 +154,10 @@ def split_bookkeeping(batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
 
 def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, *, batch_size: int, seed: int,
                   shard_index: int = 0, shard_count: int = 1, num_workers: int = 0,
-                  prefetch_buffer: int = 4) -> grain.IterDataset:
+                  prefetch_buffer: int = 4, image_budget: int = 0) -> grain.IterDataset:
   """An infinite iterator of training batches for host `shard_index` of `shard_count`
-  (batch_size is per host).
+  (batch_size is per host). image_budget > 0 (per host): each batch carries its distinct
+  image tiles once, in that many rows (pack_images).
 
   `train` holds (user index, training sequence) pairs, as `catalog.leave_one_out` gives them.
   """
@@ -114,7 +174,9 @@ def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilde
   # number of hosts.
   ds = ds.random_map(_SampleWindow(builder.layout.max_history), seed=seed)
   ds = ds.batch(batch_size, batch_fn=list)[shard_index::shard_count]
-  ds = ds.map(_BuildTrainBatch(builder))
+  if image_budget and builder.layout.text_only:
+    raise ValueError("data.image_budget is set but the prompts have no images")
+  ds = ds.map(_BuildTrainBatch(builder, image_budget, row_offset=shard_index * image_budget))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if num_workers else 1, prefetch_buffer_size=prefetch_buffer))
   if num_workers > 0:
     it = _multiprocess(it, grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch_buffer))

@@ -12,6 +12,8 @@ Batch layout (numpy/jax arrays, static shapes; B examples, M image slots):
   nig_labels, nig_weights  (B, K)  those next tokens; 0 weight for padding slots
   item_ids, item_mask      (B, S_item) the target item alone
   images                   (B, M, C, H, W) image tiles in token order: the history's, then the target's
+                           or, packed (data.image_budget), (U, C, H, W): each distinct tile of the batch once
+  image_index              (B, M)  packed only: the row of `images` each slot shows
   image_valid              (B, M)  which slots hold a tile
   target_slot              (B,)    the target image's first slot; its tiles are the valid slots from there on
   target_item              (B,)    the target's item id (for false negatives)
@@ -72,8 +74,11 @@ class PixRec(nnx.Module):
 
   # -- pieces ----------------------------------------------------------------
 
-  def encode_images(self, images: jax.Array) -> jax.Array:
-    """(B, M, C, H, W) -> (B, M, T, D): every image slot's language-model tokens, computed once."""
+  def encode_images(self, images: jax.Array, index: jax.Array | None = None) -> jax.Array:
+    """(B, M, C, H, W) -> (B, M, T, D): every image slot's language-model tokens, computed once.
+    Packed rows (U, C, H, W) with index (B, M): each row encoded once, then given to its slots."""
+    if index is not None:
+      return self.backbone.image_features(images)[index]
     b, m = images.shape[:2]
     feats = self.backbone.image_features(images.reshape((b * m,) + images.shape[2:]))
     return feats.reshape((b, m) + feats.shape[1:])
@@ -103,7 +108,7 @@ class PixRec(nnx.Module):
   # -- training ----------------------------------------------------------------
 
   def train_outputs(self, batch: dict) -> dict:
-    feats = None if self.heads.text_only else self.encode_images(batch["images"])
+    feats = None if self.heads.text_only else self.encode_images(batch["images"], batch.get("image_index"))
     hidden = self._hidden(batch["full_ids"], batch["full_mask"], feats, batch.get("image_valid"))
     at = jnp.take_along_axis(hidden, batch["nig_positions"][..., None], axis=1)
     nig_logits = self.backbone.logits(at)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from pixrec_jax import config_lib
+from pixrec_jax import config_lib, flops
 from pixrec_jax import sharding as shd
 from pixrec_jax.convert import hf
 from pixrec_jax.data import processors
@@ -156,6 +156,14 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
   builder = examples.PromptBuilder(tokenizer, item_texts, store, layout)
 
   mesh = shd.make_mesh(**cfg.mesh.to_dict())
+  image_budget = cfg.data.get("image_budget", 0)
+  if image_budget:
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if image_budget % dp:
+      raise ValueError(f"data.image_budget={image_budget} rows do not split evenly over {dp} data-parallel devices")
+    if cfg.train.get("grad_accum_steps", 1) > 1:
+      raise ValueError("data.image_budget packs a batch's images across its examples, which microbatches "
+                       "(train.grad_accum_steps > 1) cannot split; set one of them to its default")
   batch_size = cfg.train.batch_size
   if batch_size % jax.process_count():
     raise ValueError(f"train.batch_size={batch_size} is not divisible by {jax.process_count()} processes")
@@ -187,7 +195,8 @@ def _train_iterator(job: Job):
   shard, shards = shd.process_batch_shard(job.mesh, cfg.train.batch_size)  # the rows this process's devices hold
   return iter(pipeline.train_dataset(job.splits.train, job.builder, batch_size=cfg.train.batch_size // shards,
                                      seed=cfg.seed, shard_index=shard, shard_count=shards,
-                                     num_workers=cfg.data.num_workers))
+                                     num_workers=cfg.data.num_workers,
+                                     image_budget=cfg.data.get("image_budget", 0) // shards))
 
 
 def _truncate_log(path: pathlib.Path, step: int) -> None:
@@ -238,6 +247,18 @@ def checkpointer(job: Job, read_only: bool = False) -> checkpoint.Checkpointer:
                                  checkpoint.CheckpointOptions.from_config(job.cfg), read_only=read_only)
 
 
+def step_flops(job: Job) -> float | None:
+  """Analytic FLOPs of one global train step (pixrec_jax.flops); None for a mode it does not count."""
+  bcfg = zoo.backbone_config(job.cfg.model, job.builder.tokenizer)
+  shapes = flops.step_shapes(job.builder.layout, job.cfg.train.batch_size,
+                             images=job.cfg.data.get("image_budget", 0) or None)
+  try:
+    return flops.train_flops(bcfg, shapes, proj_dim=job.cfg.pixrec.proj_dim, trainable=job.cfg.train.trainable,
+                             text_only=job.text_only)["total"]
+  except ValueError:
+    return None
+
+
 def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple[Any, dict]:
   """Runs the updates from `state`'s step to job.steps; returns the state and a summary.
 
@@ -265,6 +286,8 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
   last = None
   preempted_at = None
   start = time.perf_counter()
+  flops_per_step, device_kind = step_flops(job), jax.devices()[0].device_kind
+  mark = (first, start)  # step and time of the last log line: TFLOP/s and MFU are per log interval
   # Without checkpoints a SIGTERM ends the process as usual: there would be nothing to resume from.
   with checkpoint.PreemptionWatch() if ckpt is not None else contextlib.nullcontext() as preemption, \
       open(log_path, "a") if job.is_main else open(os.devnull, "w") as log, \
@@ -281,8 +304,13 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
           _stop_if_nonfinite(state, step, ckpt)
           if not all(math.isfinite(v) for v in last.values()):
             raise NonFiniteLossError(f"non-finite training metrics at step {step}: {last}")
-        record = {"step": step, **last, "examples_per_s": (step - first) * batch_size / (time.perf_counter() - start),
+        now = time.perf_counter()  # after device_get above: the interval's steps have finished
+        record = {"step": step, **last, "examples_per_s": (step - first) * batch_size / (now - start),
                   "dropped_history_items": dropped}
+        if flops_per_step:
+          # The first interval includes compilation.
+          record.update(flops.mfu(flops_per_step, (now - mark[1]) / (step - mark[0]), jax.device_count(), device_kind))
+        mark = (step, now)
         log.write(json.dumps(record) + "\n")
         log.flush()
         bar.set_postfix(loss=f"{last['loss']:.4f}", nig=f"{last['nig']:.3f}", ut_acc=f"{last['ut_acc']:.2f}")

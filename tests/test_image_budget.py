@@ -1,0 +1,66 @@
+"""data.image_budget: a batch carries each distinct image tile once, and the model's outputs do not change."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from pixrec_jax.data import pipeline
+from pixrec_jax.models.backbone import Backbone
+from pixrec_jax.models.config import BackboneConfig, Runtime, TextConfig, VisionConfig
+from pixrec_jax.recsys.model import HeadsConfig, PixRec
+
+
+def _batches(builder, splits, n, batch_size=8, **kw):
+  return list(itertools.islice(pipeline.train_dataset(splits.train, builder, batch_size=batch_size, seed=5, **kw), n))
+
+
+def test_packed_rows_give_every_slot_its_tile_and_nothing_else_changes(image_builder, small_splits):
+  plain, packed = _batches(image_builder, small_splits, 3), _batches(image_builder, small_splits, 3, image_budget=48)
+  for a, b in zip(plain, packed):
+    assert b["images"].shape[0] == 48 and set(b) == set(a) | {"image_index"}
+    valid = a["image_valid"]
+    np.testing.assert_array_equal(b["images"][b["image_index"]][valid], a["images"][valid])
+    for k in a:
+      if k != "images":
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # One row per distinct item shown (one tile per image here), in first-seen order.
+    shown = {int(t) for t in b["target_item"]}
+    for hist, dropped in zip(b["history_items"], b["dropped_history"]):
+      shown |= {int(i) for i in hist[hist >= 0][dropped:]}
+    used = np.unique(b["image_index"][valid])
+    np.testing.assert_array_equal(used, np.arange(len(shown)))
+    assert len(shown) < valid.sum()  # this batch repeats some images
+
+
+def test_a_small_budget_drops_the_longest_histories_oldest_items(image_builder, small_splits):
+  plain, packed = _batches(image_builder, small_splits, 4), _batches(image_builder, small_splits, 4, image_budget=16)
+  dropped = sum(int(b["dropped_history"].sum()) for b in packed) - sum(int(a["dropped_history"].sum()) for a in plain)
+  assert dropped > 0
+  for a, b in zip(plain, packed):
+    assert len(np.unique(b["image_index"][b["image_valid"]])) <= 16
+    np.testing.assert_array_equal(a["target_item"], b["target_item"])  # the same windows, shortened
+    for ha, hb in zip(a["history_items"], b["history_items"]):
+      ha, hb = ha[ha >= 0], hb[hb >= 0]
+      assert len(hb) >= 1 and list(hb) == list(ha[len(ha) - len(hb):])
+  with pytest.raises(ValueError, match="image_budget=8 is too small"):
+    _batches(image_builder, small_splits, 1, image_budget=8)
+
+
+def test_train_outputs_equal_with_packed_images(image_builder, small_splits, word_tokenizer):
+  text = TextConfig(vocab_size=len(word_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+  vision = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        image_size=32, patch_size=8)
+  cfg = BackboneConfig("idefics3", text, vision, scale_factor=2,
+                       image_token_id=word_tokenizer.convert_tokens_to_ids("<image>"))
+  model = PixRec(Backbone(cfg, Runtime(), rngs=nnx.Rngs(0)), HeadsConfig(proj_dim=16), rngs=nnx.Rngs(1))
+  graphdef, state = nnx.split(model)
+  outputs = jax.jit(lambda batch: nnx.merge(graphdef, state).train_outputs(batch))
+  a = outputs(pipeline.split_bookkeeping(_batches(image_builder, small_splits, 1, 4)[0])[0])
+  b = outputs(pipeline.split_bookkeeping(_batches(image_builder, small_splits, 1, 4, image_budget=24)[0])[0])
+  assert b["nig_logits"].shape == a["nig_logits"].shape
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
