@@ -61,10 +61,18 @@ def layout_for(bcfg, *, max_history: int, text_only: bool, item_tokens: int = IT
                          image_size=bcfg.vision.image_size if bcfg.is_vlm else 0, style=style)
 
 
-def synthetic_batch(layout, *, batch: int, vocab: int, image_token: int, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_batch(layout, *, batch: int, vocab: int, image_token: int, seed: int = 0,
+                    image_budget: int = 0) -> dict[str, np.ndarray]:
   """A training batch of `layout`'s shapes: histories of 1..max_history items as PixRec's windows draw them,
-  every item with its text and (if the layout has images) one image."""
+  every item with its text and (if the layout has images) one image, all distinct. image_budget > 0 packs
+  the images as the pipeline does (pipeline.pack_images), first trimming the longest histories to fit."""
   rng = np.random.default_rng(seed)
+  histories = [int(h) for h in rng.integers(1, layout.max_history + 1, batch)]
+  while image_budget and sum(histories) + batch > image_budget:
+    longest = max(range(batch), key=lambda j: (histories[j], -j))
+    if histories[longest] == 1:
+      raise ValueError(f"data.image_budget={image_budget} is too small for {batch} examples with images")
+    histories[longest] -= 1
   t = layout.image_seq_len
   slots = 0 if layout.text_only else (layout.max_history + 1) * layout.image_slots
   words = lambda n: [int(x) for x in (rng.integers(image_token + 1, vocab, n) if image_token + 1 < vocab
@@ -79,8 +87,7 @@ def synthetic_batch(layout, *, batch: int, vocab: int, image_token: int, seed: i
     a[:len(ids)], m[:len(ids)] = ids, 1
     return a, m
 
-  for _ in range(batch):
-    history = int(rng.integers(1, layout.max_history + 1))
+  for history in histories:
     user = words(PROMPT_TOKENS - 7 * (layout.max_history - history))
     for _ in range(history):
       user += words(layout.max_item_tokens) + image
@@ -106,6 +113,13 @@ def synthetic_batch(layout, *, batch: int, vocab: int, image_token: int, seed: i
       out["image_valid"].append(np.arange(slots) < history + 1)
       out["target_slot"].append(np.int32(history))
   batch_arrays = {k: np.stack(v) for k, v in out.items() if v}
+  if image_budget and slots:
+    valid = batch_arrays["image_valid"]
+    packed = np.zeros((image_budget,) + batch_arrays["images"].shape[2:], np.float32)
+    packed[:valid.sum()] = batch_arrays["images"][valid]
+    index = np.zeros(valid.shape, np.int32)
+    index[valid] = np.arange(valid.sum())
+    batch_arrays["images"], batch_arrays["image_index"] = packed, index
   batch_arrays["target_item"] = rng.permutation(10 * batch)[:batch].astype(np.int32)
   return batch_arrays
 
@@ -206,8 +220,9 @@ def main(argv=None) -> dict:
   text_only = bool(cfg.pixrec.text_only)
   bcfg = backbone_config(cfg)
   layout = layout_for(bcfg, max_history=cfg.data.max_history, text_only=text_only, item_tokens=args.item_tokens)
+  image_budget = 0 if text_only else cfg.data.get("image_budget", 0)
   batch = synthetic_batch(layout, batch=batch_size, vocab=bcfg.text.vocab_size,
-                          image_token=bcfg.image_token_id or 0, seed=cfg.seed)
+                          image_token=bcfg.image_token_id or 0, seed=cfg.seed, image_budget=image_budget)
   trainer, rt = build_trainer(cfg, bcfg, text_only)
   state = [trainer.init_state()]
   metrics = [None]
@@ -220,15 +235,14 @@ def main(argv=None) -> dict:
   loss = float(jax.device_get(metrics[0]["loss"]))
   n_dev = trainer.mesh.size
   kind = jax.devices()[0].device_kind
-  shapes = flops.step_shapes(layout, batch_size, images=int(np.prod(batch["images"].shape[:2])) if "images" in batch
-                             else 0)
+  shapes = flops.step_shapes(layout, batch_size, images=image_budget or None)
   count = flops.train_flops(bcfg, shapes, proj_dim=cfg.pixrec.proj_dim, trainable=cfg.train.trainable,
                             text_only=text_only)
   util = flops.mfu(count["total"], step_s, n_dev, kind)
   result = {
       "bench": "train_step", "config": args.config, "device": kind, "num_devices": n_dev, "platform":
       jax.devices()[0].platform, "batch": batch_size, "seq_len": layout.seq_len, "item_len": layout.item_len,
-      "images_per_step": shapes.images, "dtype": rt.dtype, "attention": rt.attention,
+      "images_per_step": shapes.images, "image_budget": image_budget, "dtype": rt.dtype, "attention": rt.attention,
       "runtime": dataclasses.asdict(rt), "trainable": cfg.train.trainable, "step_s": round(step_s, 5),
       "warmup_s": round(warm_s, 1), "examples_per_s": round(batch_size / step_s, 3),
       "tflop_per_step": round(count["total"] / 1e12, 4), "tflops_per_device": round(util["tflops_per_device"], 3),
