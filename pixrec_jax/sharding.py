@@ -31,6 +31,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("patch", None),
     ("proj", None),
     ("length", None),
+    # The leading axis of scanned (stacked) layers: each device holds every layer's slice.
+    ("layers", None),
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 

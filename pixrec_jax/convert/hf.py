@@ -26,6 +26,7 @@ from flax import nnx
 
 from pixrec_jax import sharding as shd
 from pixrec_jax.convert.safetensors_io import CheckpointReader, save_file
+from pixrec_jax.models import scan
 from pixrec_jax.models.backbone import Backbone
 from pixrec_jax.models.config import BackboneConfig, Runtime
 
@@ -159,11 +160,23 @@ def abstract_backbone(cfg: BackboneConfig, rt: Runtime):
   return nnx.split(abstract)
 
 
-def _leaf(state, path: tuple):
-  node = state
-  for key in path:
+def _locate(state, path: tuple):
+  """(Variable, layer index or None) for a table path (looped layout) in a looped or scanned state.
+
+  In a scanned state `layers/i/...` is row i of the stacked `layers/...`.
+  """
+  node, index = state, None
+  for i, key in enumerate(path):
+    if isinstance(key, int) and path[i - 1] == scan.LAYER_AXIS and key not in node:
+      index = key
+      continue
     node = node[key]
-  return node
+  return node, index
+
+
+def _stacked_path(path: tuple) -> tuple:
+  """The path with layer indices dropped: the Variable a scanned model keeps them in."""
+  return tuple(k for i, k in enumerate(path) if not (isinstance(k, int) and path[i - 1] == scan.LAYER_AXIS))
 
 
 def load_state(reader: CheckpointReader, cfg: BackboneConfig, rt: Runtime, abstract_state,
@@ -185,17 +198,34 @@ def load_state(reader: CheckpointReader, cfg: BackboneConfig, rt: Runtime, abstr
     raise ValueError(f"{reader.directory}: checkpoint has {len(unexpected)} tensors this architecture does not use, "
                      f"e.g. {unexpected[:5]}")
   dtype = rt.params_dtype
-  for entry in table:
-    var = _leaf(abstract_state, entry.path)
-    value = entry.transform.to_ours(reader.get(stored[entry.hf_name]))
-    if tuple(value.shape) != tuple(var.shape):
-      raise ValueError(f"{reader.directory}: {entry.hf_name} has shape {tuple(value.shape)} after the "
-                       f"{entry.transform.name} transform, expected {tuple(var.shape)} for {'/'.join(map(str, entry.path))}")
-    value = np.asarray(value).astype(dtype)
+
+  def put(var, path, value):
     if shardings is not None:
-      var.set_value(jax.device_put(value, _leaf(shardings, entry.path).get_value()))
+      var.set_value(jax.device_put(value, _locate(shardings, path)[0].get_value()))
     else:
       var.set_value(jnp.asarray(value))
+
+  # A scanned model keeps each layer's tensor as a row of one stacked Variable: reading
+  # the table grouped by Variable fills one stack at a time on the host.
+  stack, filled = None, 0
+  for entry in sorted(table, key=lambda e: [str(k) for k in _stacked_path(e.path)]):
+    var, index = _locate(abstract_state, entry.path)
+    value = entry.transform.to_ours(reader.get(stored[entry.hf_name]))
+    want = tuple(var.shape) if index is None else tuple(var.shape[1:])
+    if tuple(value.shape) != want:
+      raise ValueError(f"{reader.directory}: {entry.hf_name} has shape {tuple(value.shape)} after the "
+                       f"{entry.transform.name} transform, expected {want} for {'/'.join(map(str, entry.path))}")
+    value = np.asarray(value).astype(dtype)
+    if index is None:
+      put(var, entry.path, value)
+      continue
+    if stack is None:
+      stack, filled = np.empty(var.shape, dtype), 0
+    stack[index] = value
+    filled += 1
+    if filled == var.shape[0]:
+      put(var, entry.path, stack)
+      stack = None
   return abstract_state
 
 
@@ -216,8 +246,12 @@ def from_pretrained(path: str | pathlib.Path, runtime: Runtime = Runtime(), mesh
 def to_hf_tensors(model: Backbone) -> dict[str, np.ndarray]:
   """The backbone's parameters under their Hugging Face names and layouts (float32 numpy)."""
   state = nnx.state(model, nnx.Param)
-  return {e.hf_name: np.asarray(e.transform.to_hf(np.asarray(_leaf(state, e.path)[...], dtype=np.float32)))
-          for e in param_table(model.cfg)}
+  out = {}
+  for e in param_table(model.cfg):
+    var, index = _locate(state, e.path)
+    value = np.asarray(var[...] if index is None else var[...][index], dtype=np.float32)
+    out[e.hf_name] = np.asarray(e.transform.to_hf(value))
+  return out
 
 
 def save_pretrained(model: Backbone, path: str | pathlib.Path) -> pathlib.Path:

@@ -109,8 +109,8 @@ def _value(leaf):
   return leaf[...] if _is_variable(leaf) else leaf
 
 
-def _source_for(path: tuple, source: dict[tuple, Any], shape) -> Any:
-  """The value at `path` of the target layout, read from a source in either layout."""
+def value_for(path: tuple, source: dict[tuple, Any], shape) -> Any:
+  """The value at `path` (of shape `shape`) of the target layout, read from a flat source in either layout."""
   if path in source:
     return _value(source[path])
   for i, key in enumerate(path):
@@ -145,7 +145,7 @@ def to_layout(source, target):
   out = []
   for path, var in nnx.to_flat_state(target):
     shape = tuple(var.shape)
-    value = _source_for(path, flat_source, shape)
+    value = value_for(path, flat_source, shape)
     if tuple(value.shape) != shape:
       raise ValueError(f"{'/'.join(map(str, path))}: source has shape {tuple(value.shape)}, target {shape}")
     out.append((path, var.replace(value) if _is_variable(var) else value))

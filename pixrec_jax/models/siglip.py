@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from pixrec_jax import sharding
-from pixrec_jax.models import layers
+from pixrec_jax.models import layers, scan
 from pixrec_jax.models.config import Runtime, VisionConfig
 
 
@@ -130,13 +130,24 @@ class VisionEncoderLayer(nnx.Module):
 
 
 class VisionEncoder(nnx.Module):
+  """The encoder layers, looped or scanned (see `Runtime`)."""
 
   def __init__(self, cfg: VisionConfig, rt: Runtime, rngs: nnx.Rngs):
-    self.layers = nnx.List([VisionEncoderLayer(cfg, rt, rngs) for _ in range(cfg.num_hidden_layers)])
+    self.scan_layers = rt.scan_layers
+    self.remat = rt.remat
+    make = lambda: VisionEncoderLayer(cfg, rt, rngs)
+    if rt.scan_layers:
+      self.layers = scan.stack(make, cfg.num_hidden_layers)
+    else:
+      self.layers = nnx.List([make() for _ in range(cfg.num_hidden_layers)])
 
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    call = lambda layer, x, _: layer(x, mask)
+    if self.scan_layers:
+      return scan.scan(self.layers, x, call, remat_name=self.remat)
+    call = scan.remat(call, self.remat)
     for layer in self.layers:
-      x = layer(x, mask)
+      x = call(layer, x, None)
     return x
 
 

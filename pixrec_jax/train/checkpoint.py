@@ -18,6 +18,11 @@ Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it once every
 item is written, so a step is listed only when it is complete: a process killed
 mid-save leaves the previous step as the latest one. The latest `keep` steps are
 kept, and the one with the best validation metric besides.
+
+Layers saved looped (`.../layers/0/...`) restore into a scanned model
+(`.../layers/...`, stacked) and the other way round: `restore` and `restore_model`
+notice the other layout and convert (through host memory), so `model.scan_layers`
+can change between runs.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from pixrec_jax.models import scan
 
 CHECKPOINT_DIR = "checkpoints"
 NONFINITE_POLICIES = ("stop", "skip")
@@ -143,6 +150,21 @@ def nonfinite_leaves(tree) -> list[str]:
   """Names of the arrays holding a NaN or an infinity (one small device reduction per array)."""
   flags = leaf_names(jax.device_get(_finite_leaves(tree)))
   return [name for name, ok in flags.items() if not bool(ok)]
+
+
+def _layouts(names) -> set[str]:
+  """Which layer layouts the names use: "looped" (layers/<i>/...) and/or "scanned" (layers/<name>/...)."""
+  out = set()
+  for name in names:
+    parts = name.split("/")
+    for i, part in enumerate(parts[:-1]):
+      if part == scan.LAYER_AXIS:
+        out.add("looped" if parts[i + 1].isdigit() else "scanned")
+  return out
+
+
+def _path(name: str) -> tuple:
+  return tuple(int(p) if p.isdigit() else p for p in name.split("/"))
 
 
 def _restore_args(abstract):
@@ -292,10 +314,16 @@ class Checkpointer:
     """The full training state of `step` onto `abstract_state`'s shardings, and the data iterator's
     position (set in place on `data_iterator`). `config` (the current one) names likely causes of a
     mismatch."""
-    self._check(step, self._saved_shapes(step), abstract_state, config)
-    items = {"state": ocp.args.PyTreeRestore(abstract_state, _restore_args(abstract_state)),
-             "config": ocp.args.JsonRestore(),
-             "progress": ocp.args.JsonRestore()}
+    saved = self._saved_shapes(step)
+    relayout = _layouts(saved) != _layouts(leaf_names(abstract_state))
+    if relayout:
+      state = self._relayout(step, abstract_state, config)
+      items = {"config": ocp.args.JsonRestore(), "progress": ocp.args.JsonRestore()}
+    else:
+      self._check(step, saved, abstract_state, config)
+      items = {"state": ocp.args.PyTreeRestore(abstract_state, _restore_args(abstract_state)),
+               "config": ocp.args.JsonRestore(),
+               "progress": ocp.args.JsonRestore()}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
@@ -306,12 +334,32 @@ class Checkpointer:
                                       f"{jax.process_index()} of {jax.process_count()}; a run resumes exactly only "
                                       f"on the topology that wrote it ({e})") from None
       raise
-    return Restored(step, out["state"], out["progress"], out["config"])
+    return Restored(step, state if relayout else out["state"], out["progress"], out["config"])
+
+  def _relayout(self, step: int, abstract, config: Mapping | None, prefixes: tuple[str, ...] = ()):
+    """`step`'s arrays (those under `prefixes`, or all) converted to `abstract`'s layer layout
+    (scanned <-> looped) and placed on its shardings."""
+    source = {_path(k): v for k, v in self.arrays(step).items() if not prefixes or k.startswith(prefixes)}
+    names, treedef = leaf_names(abstract), jax.tree.structure(abstract)
+    values = {}
+    for name, leaf in names.items():
+      try:
+        values[name] = scan.value_for(_path(name), source, tuple(leaf.shape))
+      except ValueError as e:
+        raise CheckpointMismatchError(f"{self.directory / str(step)}: cannot convert to this model's layer "
+                                      f"layout: {e}") from None
+    self._check(step, {k: (tuple(v.shape), str(v.dtype)) for k, v in values.items()}, abstract, config)
+    arrays = [jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index, v=values[name]: v[index])
+              for name, leaf in names.items()]
+    return jax.tree.unflatten(treedef, arrays)
 
   def restore_model(self, step: int, abstract_params, abstract_frozen, config: Mapping | None = None):
     """(params, frozen) of `step`, without reading the optimiser state."""
     want = {"params": abstract_params, "frozen": abstract_frozen}
     saved = {k: v for k, v in self._saved_shapes(step).items() if k.startswith(("params/", "frozen/"))}
+    if _layouts(saved) != _layouts(leaf_names(want)):
+      out = self._relayout(step, want, config, prefixes=("params/", "frozen/"))
+      return out["params"], out["frozen"]
     self._check(step, saved, want, config)
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(want, _restore_args(want), partial_restore=True)))
