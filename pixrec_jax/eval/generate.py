@@ -114,6 +114,9 @@ class _Recompute:
   def reorder(self, state, rows):
     return jax.tree.map(lambda x: x[rows], state)
 
+  def expand(self, state, n):
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), state)
+
 
 class _Cached:
   """Prefill once, then one token per step against the decoder's key/value cache."""
@@ -139,6 +142,10 @@ class _Cached:
   def reorder(self, state, rows):
     cache, keys = state  # the cache is stacked by layer: rows are its axis 1
     return jax.tree.map(lambda x: x[:, rows], cache), keys[rows]
+
+  def expand(self, state, n):
+    cache, keys = state
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=1), cache), jnp.repeat(keys, n, axis=0)
 
 
 # -- the search ------------------------------------------------------------------
@@ -185,8 +192,10 @@ def beam_search(backbone, embeds: jax.Array, mask: jax.Array, ids: jax.Array, se
   def beams(x):  # (B, ...) -> (B * nb, ...), each row's beams together
     return jnp.repeat(x, nb, axis=0)
 
+  # The prompt is read once per row, then copied to its beams (which all start from it).
   model = _Cached(backbone) if s.use_cache else _Recompute(backbone)
-  logits, state = model.prefill(beams(embeds), beams(valid), beams(positions), p + t_max)
+  logits, state = model.prefill(embeds, valid, positions, p + t_max)
+  logits, state = beams(logits), model.expand(state, nb)
   prompt_ids = beams(prompt_ids)
   last_position = beams(positions[:, -1])
 
