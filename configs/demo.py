@@ -42,6 +42,8 @@ def get_config(arg=None):
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
   c.model.attention = "xla"
+  c.model.scan_layers = False  # True: one jax.lax.scan over stacked layers (compiles one layer; checkpoints load either way)
+  c.model.remat = "none"  # rematerialisation policy per layer: none, full, dots, minimal (models/scan.py)
 
   c.pixrec = ml_collections.ConfigDict()
   c.pixrec.text_only = "text_only" in options

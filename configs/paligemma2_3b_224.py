@@ -24,4 +24,6 @@ def get_config(arg=None):
   c = config_lib.load_config_file(f"{DEMO}:{arg or ''}")
   with c.unlocked():
     c.model = zoo.model_section("paligemma2_3b_224")
+    c.model.scan_layers = True  # 26 + 27 layers compile as one of each
+    c.model.remat = "minimal"  # keep the weight matmuls' outputs, recompute attention: 3B at 256 tokens per image
   return c

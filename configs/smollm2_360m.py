@@ -22,5 +22,7 @@ def get_config(arg=None):
   c = config_lib.load_config_file(f"{DEMO}:{arg or ''}")
   with c.unlocked():
     c.model = zoo.model_section("smollm2_360m")
+    c.model.scan_layers = True  # 32 layers compile as one
+    c.model.remat = "none"
     c.pixrec.text_only = True
   return c
