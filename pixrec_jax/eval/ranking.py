@@ -222,13 +222,18 @@ class Ranked:
   top_scores: np.ndarray | None = None  # (c, K) float32
 
 
+_MAX_CHUNK_SCORES = 1 << 26  # float32 scores on device at once (256 MiB), whatever the catalogue's size
+
+
 def rank_cases(users: np.ndarray, items: np.ndarray, cases: Sequence[EvalCase], mask_history: bool,
                top_k: int = 0, chunk: int = 1024) -> Ranked:
   """Ranks every catalogue item for each case by users[c] . items[i] (any scorer that is an inner
-  product: the towers, an item-item neighbour, popularity as a 1-d score), in chunks of cases."""
+  product: the towers, an item-item neighbour, popularity as a 1-d score), in chunks of cases
+  small enough that a chunk's score matrix stays below _MAX_CHUNK_SCORES."""
   n = items.shape[0]
   if top_k > n:
     raise ValueError(f"top_k={top_k} is larger than the catalogue ({n} items)")
+  chunk = max(1, min(chunk, _MAX_CHUNK_SCORES // max(n, 1)))
   items_dev = jnp.asarray(items, jnp.float32)
   ranks, ids, scores = [], [], []
   for start in range(0, len(cases), chunk):
