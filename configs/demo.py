@@ -5,6 +5,7 @@ locally (pixrec_jax.data.synthetic), the backbone is a small randomly initialise
 SmolVLM-family model. Options (comma separated after the colon):
   text_only  the text-only baseline: same backbone and data, no images anywhere
   paper      the PixRec reference code's loss weights and optimiser (see presets)
+  lora       the paper's LoRA: r=8, alpha 8, dropout 0.1 on the decoder MLP linears; base frozen
 
   python -m pixrec_jax.main --config configs/demo.py --workdir /tmp/demo
   python -m pixrec_jax.main --config configs/demo.py:text_only --workdir /tmp/demo_text
@@ -18,7 +19,7 @@ from pixrec_jax.data import prompts
 from pixrec_jax.data.synthetic import SyntheticOptions
 from pixrec_jax.recsys import presets
 
-OPTIONS = ("text_only", "paper")
+OPTIONS = ("text_only", "paper", "lora")
 
 
 def get_config(arg=None):
@@ -89,4 +90,6 @@ def get_config(arg=None):
 
   if "paper" in options:
     presets.apply(c, presets.PAPER)
+  if "lora" in options:
+    presets.apply(c, presets.LORA)
   return c

@@ -4,7 +4,7 @@ configs/demo.py with the full-size backbone (pixrec_jax.models.zoo "paligemma2_3
 SigLIP so400m-patch14-224 (256 tokens per image), a linear projector, a Gemma2-2B
 decoder. Loads a local checkpoint directory (config.json + safetensors + tokenizer)
 from model.path; with model.path empty the backbone is randomly initialised at full
-size (benchmarks). Options as in demo.py (text_only, paper). PixRec's prompts are
+size (benchmarks). Options as in demo.py (text_only, paper, lora). PixRec's prompts are
 causal throughout: PaliGemma's bidirectional prefix (token_type_ids) is not used.
 
   python -m pixrec_jax.main --config configs/paligemma2_3b_224.py:paper \

@@ -4,7 +4,7 @@ configs/demo.py with the full-size backbone (pixrec_jax.models.zoo "smolvlm_256m
 SigLIP base-patch16-512, pixel shuffle 4 (64 tokens per image), a SmolLM2-135M-like
 Llama decoder. Loads a local checkpoint directory (config.json + safetensors +
 tokenizer) from model.path; with model.path empty the backbone is randomly
-initialised at full size (benchmarks). Options as in demo.py (text_only, paper).
+initialised at full size (benchmarks). Options as in demo.py (text_only, paper, lora).
 
   python -m pixrec_jax.main --config configs/smolvlm_256m.py:paper \
       --config.model.path=/models/SmolVLM-256M-Instruct --config.data.source=dataset --config.data.path=DATA

@@ -42,6 +42,13 @@ def job_defaults() -> ml_collections.ConfigDict:
   c.checkpoint["async"] = True  # write in the background while training goes on
   c.train = ml_collections.ConfigDict()
   c.train.nonfinite = "stop"  # a non-finite loss or gradient: "stop" the run, or "skip" that update
+  c.train.grad_accum_steps = 1  # k microbatches per update, the same update as the whole batch
+  c.train.freeze = ()  # parameter path patterns that never train, in any mode (see models.lora)
+  c.lora = ml_collections.ConfigDict()  # adapters on the linears that `targets` name (models.lora)
+  c.lora.rank = 0  # 0: off; > 0: the base weights freeze, adapters and heads train
+  c.lora.alpha = 8.0  # the update is scaled by alpha / rank
+  c.lora.dropout = 0.0  # on the adapters' input, in training only
+  c.lora.targets = ("text_model/**/mlp/(gate|up|down)_proj",)  # models.lora.PAPER_TARGETS
   c.distributed = distributed.default_config()  # several processes: when and how they meet
   c.eval = ml_collections.ConfigDict()
   c.eval.cache = True  # keep the catalogue's item embeddings per checkpoint in WORKDIR/cache

@@ -28,12 +28,15 @@ import shutil
 import sys
 import uuid
 
+import jax
 import numpy as np
 import transformers
+from flax import nnx
 
 from pixrec_jax.convert import hf, torch_heads
 from pixrec_jax.convert.safetensors_io import save_file
 from pixrec_jax.data import images, processors
+from pixrec_jax.models import lora
 from pixrec_jax.recsys.model import PixRec
 from pixrec_jax.train import checkpoint, run
 
@@ -41,10 +44,12 @@ from pixrec_jax.train import checkpoint, run
 def merge_adapters(model: PixRec) -> PixRec:
   """The model with trained adapters folded into the weights they adapt, as a plain model.
 
-  Export writes base weights only, so any adapter (LoRA) must be merged here first.
-  The model has none yet, so this is the identity.
+  Export writes base weights only, so LoRA adapters are merged here first: each
+  kernel becomes W + (alpha / r) * A @ B (in float32) and the adapters are removed.
+  `model` itself is left as it was.
   """
-  return model
+  graphdef, state = nnx.split(model)
+  return lora.merge(nnx.merge(graphdef, jax.tree.map(lambda x: x, state)))
 
 
 def _image_processor(spec: images.ImageSpec) -> transformers.Idefics3ImageProcessorPil:

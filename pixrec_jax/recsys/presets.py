@@ -18,11 +18,23 @@ PAPER = {
 }
 
 
+# The paper's LoRA mode: r=8, alpha 8, dropout 0.1 on the decoder's MLP linears (the paper also
+# quantises the backbone to 4 bits; we keep it in model.param_dtype).
+LORA = {
+    "lora.rank": 8,
+    "lora.alpha": 8.0,
+    "lora.dropout": 0.1,
+    "lora.targets": ("text_model/**/mlp/(gate|up|down)_proj",),
+}
+
+
 def apply(cfg, preset: dict) -> None:
   """Sets each dotted key of `preset` on an ml_collections ConfigDict."""
   for key, value in preset.items():
     node = cfg
     *parents, leaf = key.split(".")
     for p in parents:
+      if p not in node:  # a group that job defaults add later (config_lib.job_defaults)
+        node[p] = type(cfg)()
       node = node[p]
     node[leaf] = value

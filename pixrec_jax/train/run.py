@@ -26,7 +26,7 @@ from pixrec_jax.data import catalog, examples, images, paper_format, pipeline, s
 from pixrec_jax.eval import baselines, ranking, report
 from pixrec_jax.eval import bm25, generative
 from pixrec_jax.models.backbone import Backbone
-from pixrec_jax.models import zoo
+from pixrec_jax.models import lora, zoo
 from pixrec_jax.models.config import BackboneConfig, Runtime
 from pixrec_jax.recsys.losses import LossWeights
 from pixrec_jax.recsys.model import HeadsConfig, PixRec
@@ -174,13 +174,20 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
                scan_layers=bool(cfg.model.get("scan_layers", False)), remat=cfg.model.get("remat", "none"))
   heads = HeadsConfig(proj_dim=cfg.pixrec.proj_dim, pooling=cfg.pixrec.pooling, text_only=text_only)
   weights = LossWeights(alpha=cfg.pixrec.alpha, beta=cfg.pixrec.beta, temperature=cfg.pixrec.temperature)
-  model_fn = lambda: PixRec(Backbone(bcfg, rt, rngs=nnx.Rngs(cfg.seed)), heads, rngs=nnx.Rngs(cfg.seed + 1))
+  adapters = lora.LoRAConfig.from_config(cfg.get("lora"))
+  adapters.validate()
+  model_fn = lambda: lora.apply(PixRec(Backbone(bcfg, rt, rngs=nnx.Rngs(cfg.seed)), heads, rngs=nnx.Rngs(cfg.seed + 1)),
+                                adapters, rngs=nnx.Rngs(cfg.seed + 2))
   tx, sched = optim.optimizer(lr=cfg.train.lr, steps=steps, warmup_steps=cfg.train.warmup_steps,
                               weight_decay=cfg.train.weight_decay, clip_norm=cfg.train.clip_norm,
                               b1=cfg.train.b1, b2=cfg.train.b2)
   trainable = optim.trainable_filter(cfg.train.trainable, tied_embeddings=bcfg.text.tie_word_embeddings,
-                                     text_only=text_only)
-  trainer = Trainer(model_fn, tx, trainable, weights, mesh, sched)
+                                     text_only=text_only, lora=adapters.enabled)
+  accum = cfg.train.get("grad_accum_steps", 1)
+  if batch_size % accum:
+    raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum_steps={accum}")
+  trainer = Trainer(model_fn, tx, trainable, weights, mesh, sched, grad_accum_steps=accum,
+                    freeze=cfg.train.get("freeze", ()), seed=cfg.seed)
   return Job(cfg, workdir, dataset, splits, builder, mesh, trainer, steps, text_only)
 
 
