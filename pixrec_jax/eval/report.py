@@ -15,6 +15,7 @@ import math
 import pathlib
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from pixrec_jax.eval import baselines, gallery, ranking
@@ -176,7 +177,7 @@ def run_report(job, state, results: dict, reports: dict, item_emb: np.ndarray,
   split_report = reports[split]
   report = {"title": f"PixRec evaluation, {job.workdir.name}", "split": split, "users": split_report["users"],
             "catalogue_items": split_report["catalogue_items"], "mask_history": settings.mask_history,
-            "step": int(np.asarray(state.step)), "seed": cfg.seed, "text_only": job.text_only, "models": models}
+            "step": int(jax.device_get(state.step)), "seed": cfg.seed, "text_only": job.text_only, "models": models}
   page = None
   if cfg.eval.gallery_users > 0:
     chosen = gallery.sample_cases(cases, cfg.eval.gallery_users, cfg.seed)
