@@ -29,8 +29,10 @@ PY="${PYTHON:-python3}"
 ITEMS="${ITEMS:-demo smolvlm paligemma}"
 SPECS="$(mktemp -d)"
 SMOLVLM_BATCH="${SMOLVLM_BATCH:-16}"
+# Image rows per smolvlm batch (data.image_budget): batch x (max_history + 3) / 2 x 1.2, a multiple of 8; 0: every slot.
+SMOLVLM_BUDGET="${SMOLVLM_BUDGET:-80}"
 PALIGEMMA_BATCH="${PALIGEMMA_BATCH:-4}"
-# Options only this working tree's train step has (the image budget) go in EXTRA; empty is the plain step.
+# More bench/train_step.py options for both models (e.g. --config.KEY=VALUE) go in EXTRA.
 EXTRA="${EXTRA:-}"
 
 LOG="$OUT/suite.log"
@@ -82,7 +84,7 @@ for item in $ITEMS; do
       smolvlm() {
         run "$1" "$2" "$PY" bench/train_step.py --config configs/smolvlm_256m.py --batch "$SMOLVLM_BATCH" \
           --warmup 2 --rounds 3 --steps 5 --spec-out "$SPECS/smolvlm" --config.model.dtype=bfloat16 \
-          --config.model.attention="$3" --config.model.scan_layers=True $EXTRA
+          --config.model.attention="$3" --scan-layers --config.data.image_budget="$SMOLVLM_BUDGET" $EXTRA
       }
       smolvlm smolvlm 150 cudnn
       rc=$?
@@ -91,7 +93,7 @@ for item in $ITEMS; do
     paligemma)
       run paligemma 190 "$PY" bench/train_step.py --config configs/paligemma2_3b_224.py --batch "$PALIGEMMA_BATCH" \
         --warmup 2 --rounds 3 --steps 3 --spec-out "$SPECS/paligemma" --config.model.dtype=bfloat16 \
-        --config.model.attention=xla --config.model.scan_layers=True --config.model.remat=full $EXTRA
+        --config.model.attention=xla --scan-layers --remat=full $EXTRA
       [ -f "$SPECS/paligemma/spec.json" ] && run paligemma_torch 100 "$PY" bench/torch_reference.py --spec "$SPECS/paligemma" ;;
     *) echo "unknown item $item (demo smolvlm paligemma)" ;;
   esac

@@ -9,6 +9,8 @@ A loader/step ratio well above 1 means the pipeline keeps up with training. The
 last line is one JSON object with the figures.
 
   python bench/loader_vs_step.py --config configs/amazon_text.py [--batches 50] [--steps 20] [--config.KEY=VALUE ...]
+  python bench/loader_vs_step.py --config configs/smolvlm_256m.py --steps 0 --step-examples-per-s 150 \
+      --config.train.batch_size=16 --config.data.num_workers=8   # the loader against a GPU step's rate
 """
 
 import argparse
@@ -54,7 +56,10 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", required=True, help="CONFIG.py[:ARGS], as for pixrec_jax.main")
   parser.add_argument("--batches", type=int, default=50, help="loader batches to time")
-  parser.add_argument("--steps", type=int, default=20, help="train steps to time")
+  parser.add_argument("--steps", type=int, default=20, help="train steps to time (0: the loader alone)")
+  parser.add_argument("--step-examples-per-s", type=float, default=0.0,
+                      help="with --steps 0: the train step's examples/s measured elsewhere (a GPU's "
+                           "bench/train_step.py), to compare the loader with")
   parser.add_argument("--warmup", type=int, default=3, help="loader batches made before timing")
   args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
   cfg, workdir = config_lib.parse_args(["--config", args.config, *rest])
@@ -64,15 +69,25 @@ def main(argv=None) -> None:
 
   job = run.setup(cfg, workdir)
   loader_bps, batches = _time_loader(job, args.batches, args.warmup)
-  steps_ps, compile_s = _time_steps(job, batches, args.steps)
+  if args.steps:
+    steps_ps, compile_s = _time_steps(job, batches, args.steps)
+    where = f"{args.steps} steps; first step with compilation {compile_s:.1f} s"
+  else:
+    if args.step_examples_per_s <= 0:
+      raise SystemExit("--steps 0 needs --step-examples-per-s: the train step's rate to compare the loader with")
+    steps_ps, compile_s = args.step_examples_per_s / cfg.train.batch_size, None
+    where = "given by --step-examples-per-s"
   result = {
       "config": args.config, "batch_size": cfg.train.batch_size, "seq_len": job.builder.layout.seq_len,
       "text_only": job.text_only, "num_workers": cfg.data.num_workers, "device": jax.devices()[0].device_kind,
-      "loader_batches_per_s": round(loader_bps, 3), "train_steps_per_s": round(steps_ps, 3),
-      "loader_over_step": round(loader_bps / steps_ps, 2), "compile_s": round(compile_s, 1),
+      "image_budget": cfg.data.get("image_budget", 0),
+      "loader_batches_per_s": round(loader_bps, 3),
+      "loader_examples_per_s": round(loader_bps * cfg.train.batch_size, 2),
+      "train_steps_per_s": round(steps_ps, 3), "loader_over_step": round(loader_bps / steps_ps, 2),
+      "compile_s": None if compile_s is None else round(compile_s, 1),
   }
   print(f"loader: {loader_bps:.2f} batches/s ({args.batches} batches of {cfg.train.batch_size})")
-  print(f"train step: {steps_ps:.2f} steps/s ({args.steps} steps; first step with compilation {compile_s:.1f} s)")
+  print(f"train step: {steps_ps:.2f} steps/s ({where})")
   print(f"loader / step: {loader_bps / steps_ps:.2f}x "
         f"({'the loader keeps up' if loader_bps > steps_ps else 'the loader is the bottleneck'})")
   print(json.dumps(result))

@@ -15,7 +15,7 @@ then rounds of steps with one device sync per round; median round.
 The last line is one JSON object; with the spec's own figures from train_step.py
 it holds ratio_vs_torch (ours / theirs, examples per second).
 
-  python bench/torch_reference.py --spec DIR [--device cuda] [--attn sdpa]
+  python bench/torch_reference.py --spec DIR [--device cuda] [--attn eager]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Reference(torch.nn.Module):
     model_type = hf["model_type"]
     config = transformers.AutoConfig.for_model(**hf)
     cls = getattr(transformers, ARCHS[model_type])
-    self.model = cls._from_config(config, attn_implementation=attn)
+    self.model = cls._from_config(config, attn_implementation=attn or None)
     self.vlm = model_type != "llama"
     d = config.text_config.hidden_size if self.vlm else config.hidden_size
     self.user_proj = torch.nn.Linear(d, spec["proj_dim"])
@@ -130,7 +130,8 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--spec", required=True, help="the directory bench/train_step.py --spec-out wrote")
   parser.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
-  parser.add_argument("--attn", default="sdpa", help="transformers attn_implementation (sdpa, eager)")
+  parser.add_argument("--attn", default="", help="transformers attn_implementation (sdpa, eager; default: the "
+                      "model's own choice, sdpa where it supports it, as the reference code gets it)")
   parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
   args = parser.parse_args(argv)
   spec_dir = pathlib.Path(args.spec)
@@ -187,23 +188,26 @@ def main(argv=None) -> dict:
       batch = {k: v[:n] for k, v in batch.items()}
       torch.cuda.empty_cache()
   warm = time.perf_counter() - start
-  times = []
+  times, cpu = [], []
   for _ in range(spec["rounds"]):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(spec["steps"]):
       step()
     sync()
     times.append((time.perf_counter() - start) / spec["steps"])
+    cpu.append((time.process_time() - start_cpu) / spec["steps"])
   step_s = statistics.median(times)
   n = len(batch["full_ids"])
   kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+  attn = ref.model.config._attn_implementation  # pylint: disable=protected-access
   result = {"bench": "torch_reference", "device": kind, "torch": torch.__version__,
-            "transformers": transformers.__version__, "attn": args.attn, "dtype": spec["dtype"], "batch": n,
-            "torch_step_s": round(step_s, 5), "torch_warmup_s": round(warm, 1),
+            "transformers": transformers.__version__, "attn": attn, "dtype": spec["dtype"], "batch": n,
+            "torch_step_s": round(step_s, 5), "torch_cpu_s_per_step": round(statistics.median(cpu), 4),
+            "torch_warmup_s": round(warm, 1),
             "torch_examples_per_s": round(n / step_s, 3), "torch_loss": float(losses[-1]),
             "batch_asked": full_batch}
   ours = spec.get("ours") or {}
-  print(f"PyTorch reference ({args.attn}, {spec['dtype']}) on {kind}: step {step_s * 1e3:.1f} ms, "
+  print(f"PyTorch reference ({attn}, {spec['dtype']}) on {kind}: step {step_s * 1e3:.1f} ms, "
         f"{result['torch_examples_per_s']:.2f} examples/s")
   if ours.get("examples_per_s") and ours.get("device") and (ours["platform"] == "cpu") == (device.type == "cpu"):
     result["examples_per_s"] = ours["examples_per_s"]

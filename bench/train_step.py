@@ -77,8 +77,8 @@ def synthetic_batch(layout, *, batch: int, vocab: int, image_token: int, seed: i
   slots = 0 if layout.text_only else (layout.max_history + 1) * layout.image_slots
   words = lambda n: [int(x) for x in (rng.integers(image_token + 1, vocab, n) if image_token + 1 < vocab
                                       else rng.integers(0, image_token, n))]
-  image = ([] if layout.text_only else
-           ([0, 0] if layout.style == "idefics3" else []) + [image_token] * t + ([0] if layout.style == "idefics3" else []))
+  marks = layout.style == "idefics3"  # <fake_token_around_image> <global-img> ... <fake_token_around_image>
+  image = [] if layout.text_only else [0, 0] * marks + [image_token] * t + [0] * marks
   out = {k: [] for k in ("full_ids", "full_mask", "user_mask", "target_mask", "nig_positions", "nig_labels",
                          "nig_weights", "item_ids", "item_mask", "images", "image_valid", "target_slot")}
 
@@ -138,8 +138,9 @@ def backbone_config(cfg):
   return zoo.backbone_config(model)
 
 
-def build_trainer(cfg, bcfg, text_only: bool):
-  """The Trainer pixrec_jax.train.run.setup builds (without its data and grain)."""
+def build_trainer(cfg, bcfg, text_only: bool, runtime: dict | None = None):
+  """The Trainer pixrec_jax.train.run.setup builds (without its data and grain); `runtime` overrides
+  Runtime fields the config sets."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from pixrec_jax import sharding as shd  # pylint: disable=import-outside-toplevel
@@ -151,7 +152,8 @@ def build_trainer(cfg, bcfg, text_only: bool):
   from pixrec_jax.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
 
   # Every Runtime switch the config's model section sets (dtype, attention, and any added later).
-  rt = Runtime(**{f.name: cfg.model[f.name] for f in dataclasses.fields(Runtime) if f.name in cfg.model})
+  fields = {f.name for f in dataclasses.fields(Runtime)}
+  rt = Runtime(**{**{k: cfg.model[k] for k in fields if k in cfg.model}, **(runtime or {})})
   heads = HeadsConfig(proj_dim=cfg.pixrec.proj_dim, pooling=cfg.pixrec.pooling, text_only=text_only)
   weights = LossWeights(alpha=cfg.pixrec.alpha, beta=cfg.pixrec.beta, temperature=cfg.pixrec.temperature)
   model_fn = lambda: PixRec(Backbone(bcfg, rt, rngs=nnx.Rngs(cfg.seed)), heads, rngs=nnx.Rngs(cfg.seed + 1))
@@ -164,21 +166,24 @@ def build_trainer(cfg, bcfg, text_only: bool):
   return Trainer(model_fn, tx, trainable, weights, mesh, sched), rt
 
 
-def time_rounds(step, warmup: int, rounds: int, steps: int, sync) -> tuple[float, float]:
-  """(median seconds per step over rounds, seconds of the warm-up). `step()` runs one step; `sync()` waits."""
+def time_rounds(step, warmup: int, rounds: int, steps: int, sync) -> tuple[float, float, float]:
+  """(median seconds per step over rounds, seconds of the warm-up, median CPU seconds of this process per
+  step). `step()` runs one step; `sync()` waits. On a shared CPU the process's CPU time is the steadier
+  measure of work: other processes' load stretches wall time, not it."""
   start = time.perf_counter()
   for _ in range(warmup):
     step()
   sync()
   warm = time.perf_counter() - start
-  times = []
+  times, cpu = [], []
   for _ in range(rounds):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
       step()
     sync()
     times.append((time.perf_counter() - start) / steps)
-  return statistics.median(times), warm
+    cpu.append((time.process_time() - start_cpu) / steps)
+  return statistics.median(times), warm, statistics.median(cpu)
 
 
 def write_spec(path: pathlib.Path, cfg, bcfg, batch: dict, text_only: bool, args, result: dict) -> None:
@@ -208,6 +213,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--platform", default="", help="jax platform (cpu, gpu, tpu); default: jax's choice")
   parser.add_argument("--spec-out", default="", help="write the batch and settings for bench/torch_reference.py")
   parser.add_argument("--torch", action="store_true", help="run bench/torch_reference.py after ours, print the ratio")
+  parser.add_argument("--scan-layers", action="store_true", help="scan over layers, where this tree's Runtime can")
+  parser.add_argument("--remat", default="", help="a remat policy name, where this tree's Runtime has remat")
   args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
 
   import jax  # pylint: disable=import-outside-toplevel
@@ -223,14 +230,20 @@ def main(argv=None) -> dict:
   image_budget = 0 if text_only else cfg.data.get("image_budget", 0)
   batch = synthetic_batch(layout, batch=batch_size, vocab=bcfg.text.vocab_size,
                           image_token=bcfg.image_token_id or 0, seed=cfg.seed, image_budget=image_budget)
-  trainer, rt = build_trainer(cfg, bcfg, text_only)
+  from pixrec_jax.models.config import Runtime  # pylint: disable=import-outside-toplevel
+  known = {f.name for f in dataclasses.fields(Runtime)}
+  runtime = {k: v for k, v in (("scan_layers", args.scan_layers or None), ("remat", args.remat or None)) if v}
+  for k in sorted(set(runtime) - known):
+    print(f"this tree's Runtime has no {k!r}; running without it")
+    del runtime[k]
+  trainer, rt = build_trainer(cfg, bcfg, text_only, runtime)
   state = [trainer.init_state()]
   metrics = [None]
 
   def step():
     state[0], metrics[0] = trainer.step(state[0], batch)
 
-  step_s, warm_s = time_rounds(step, args.warmup, args.rounds, args.steps,
+  step_s, warm_s, cpu_s = time_rounds(step, args.warmup, args.rounds, args.steps,
                                lambda: jax.block_until_ready((state[0], metrics[0])))
   loss = float(jax.device_get(metrics[0]["loss"]))
   n_dev = trainer.mesh.size
@@ -244,7 +257,7 @@ def main(argv=None) -> dict:
       jax.devices()[0].platform, "batch": batch_size, "seq_len": layout.seq_len, "item_len": layout.item_len,
       "images_per_step": shapes.images, "image_budget": image_budget, "dtype": rt.dtype, "attention": rt.attention,
       "runtime": dataclasses.asdict(rt), "trainable": cfg.train.trainable, "step_s": round(step_s, 5),
-      "warmup_s": round(warm_s, 1), "examples_per_s": round(batch_size / step_s, 3),
+      "warmup_s": round(warm_s, 1), "cpu_s_per_step": round(cpu_s, 4), "examples_per_s": round(batch_size / step_s, 3),
       "tflop_per_step": round(count["total"] / 1e12, 4), "tflops_per_device": round(util["tflops_per_device"], 3),
       "mfu": None if util["mfu"] is None else round(util["mfu"], 4), "loss": loss,
   }
@@ -265,6 +278,7 @@ def main(argv=None) -> dict:
       theirs = json.loads(proc.stdout.strip().splitlines()[-1])
       result["torch_examples_per_s"] = theirs["torch_examples_per_s"]
       result["ratio_vs_torch"] = round(result["examples_per_s"] / theirs["torch_examples_per_s"], 3)
+      result["torch_cpu_s_per_step"] = theirs["torch_cpu_s_per_step"]
       print(f"ours / PyTorch reference: {result['ratio_vs_torch']:.2f}x")
   print(json.dumps(result))
   return result

@@ -50,3 +50,23 @@ def test_synthetic_batch_has_one_image_block_per_valid_slot(style, image_seq_len
   np.testing.assert_array_equal(batch["full_ids"][rows, batch["nig_positions"] + 1], batch["nig_labels"])
   assert (batch["full_mask"] == batch["user_mask"] + batch["target_mask"]).all()
   assert not batch["images"][~batch["image_valid"]].any() and batch["images"][batch["image_valid"]].std() > 0.5
+
+
+def test_train_step_never_waits_for_the_device(image_budget=24):
+  """Steps run back to back with no device-to-host transfer (a log line's device_get is the only sync)."""
+  import jax
+
+  cfg, _ = config_lib.parse_args(["--config", "configs/demo.py", "--config.model.text.num_hidden_layers=1",
+                                  "--config.model.vision.num_hidden_layers=1", "--config.train.batch_size=4"])
+  bcfg = train_step.backbone_config(cfg)
+  layout = train_step.layout_for(bcfg, max_history=cfg.data.max_history, text_only=False)
+  batch = train_step.synthetic_batch(layout, batch=4, vocab=bcfg.text.vocab_size, image_token=bcfg.image_token_id,
+                                     image_budget=image_budget)
+  assert ("image_index" in batch) == bool(image_budget)
+  trainer, _ = train_step.build_trainer(cfg, bcfg, text_only=False)
+  state = trainer.init_state()
+  state, _ = trainer.step(state, batch)  # compiles
+  with jax.transfer_guard_device_to_host("disallow"):
+    for _ in range(2):
+      state, metrics = trainer.step(state, batch)
+  assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
