@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import pathlib
@@ -136,13 +137,15 @@ def check_history(items: Sequence, num_items: int, where: str) -> np.ndarray:
   return np.asarray(items, np.int32)
 
 
-@jax.jit
-def _scores(users, items, history, mask_history):
-  # The same product and masking as ranking._ranks: the order equals evaluation's.
+@functools.partial(jax.jit, static_argnames="k")
+def _top_k(users, items, history, mask_history, k):
+  # The same product and masking as ranking._ranks: the order equals evaluation's. Exact top k on
+  # device (equal scores: the lower item id first), so only (users, k) comes back to the host.
   scores = users @ items.T
   rows = jnp.arange(users.shape[0])[:, None]
   masked = scores.at[rows, history].set(-jnp.inf, mode="drop")
-  return jnp.where(mask_history, masked, scores)
+  top_scores, top_ids = jax.lax.top_k(jnp.where(mask_history, masked, scores), k)
+  return top_ids, top_scores
 
 
 def recommend(trained: run.Trained, index: Index, histories: Sequence[np.ndarray], k: int,
@@ -158,13 +161,10 @@ def recommend(trained: run.Trained, index: Index, histories: Sequence[np.ndarray
   padded = np.full((len(histories), width), n, np.int32)  # n: out of range, dropped by the scatter
   for i, h in enumerate(histories):
     padded[i, :len(h)] = h
-  scores = np.asarray(_scores(jnp.asarray(users, jnp.float32), jnp.asarray(index.embeddings), jnp.asarray(padded),
-                              jnp.asarray(mask_history)))
-  out = []
-  for row in scores:
-    order = np.argsort(-row, kind="stable")[:k]  # stable: equal scores keep item id order
-    out.append([(int(i), float(row[i])) for i in order if np.isfinite(row[i])])
-  return out
+  top_ids, top_scores = jax.device_get(_top_k(jnp.asarray(users, jnp.float32), jnp.asarray(index.embeddings),
+                                              jnp.asarray(padded), jnp.asarray(mask_history), k=min(k, n)))
+  return [[(int(i), float(s)) for i, s in zip(ids, scores) if np.isfinite(s)]
+          for ids, scores in zip(top_ids.tolist(), top_scores.tolist())]
 
 
 def _read_histories(path: pathlib.Path, num_items: int) -> list[tuple[str, np.ndarray]]:
