@@ -120,6 +120,11 @@ def evaluate_split(graphdef, states, builder: PromptBuilder, cases: Sequence[Eva
   the first cases' generations."""
   if jax.process_count() > 1:
     raise ValueError("eval.protocol 'generative' runs on one process; use 'dense' in a multi-process job")
+  if mesh is not None:
+    shards = int(np.prod([mesh.shape.get(axis, 1) for axis in ("data", "fsdp")]))
+    if settings.batch_size % shards:
+      raise ValueError(f"eval.generative.batch_size={settings.batch_size} must be a multiple of the {shards} "
+                       "devices a batch is split over (mesh data x fsdp)")
   if settings.max_users:
     cases = list(cases)[:settings.max_users]
   if not len(cases):
