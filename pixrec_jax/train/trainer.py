@@ -131,8 +131,12 @@ class Trainer:
     weights = self.weights
     count = losses.nig_count(batch["nig_weights"])
 
+    # Each microbatch spread over the data-parallel devices, where its size divides over them.
+    spread = (n // k) % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]) == 0
+
     def forward(params, mb, j):
-      mb = jax.tree.map(lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
+      if spread:
+        mb = jax.tree.map(lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
       model = self._model(params, state.frozen, self._dropout_key(state.step, j))
       out = model.train_outputs(mb)
       nll, correct = losses.nig_sums(out["nig_logits"], mb["nig_labels"], mb["nig_weights"])
