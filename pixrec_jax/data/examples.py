@@ -262,18 +262,21 @@ class PromptBuilder:
     mask[:len(ids)] = 1
     return out, mask
 
-  def _images(self, items: Sequence[int], slots: int) -> tuple[np.ndarray, np.ndarray]:
-    """The items' tiles in token order, packed from slot 0; the rest are zero and not valid."""
+  def _images(self, items: Sequence[int], slots: int, pixels: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+    """The items' tiles in token order, packed from slot 0; the rest are zero and not valid.
+    pixels=False: the validity mask only (the caller fetches the tiles itself)."""
     size = self.layout.image_size
-    pixels = np.zeros((slots, 3, size, size), np.float32)
+    out = np.zeros((slots, 3, size, size), np.float32) if pixels else None
     valid = np.zeros((slots,), bool)
     used = 0
     for item in items:
-      tiles = self.images.get(item).pixels
-      pixels[used:used + len(tiles)] = tiles
-      valid[used:used + len(tiles)] = True
-      used += len(tiles)
-    return pixels, valid
+      rows, cols = self.images.grid(item)
+      n = rows * cols + 1
+      if pixels:
+        out[used:used + n] = self.images.get(item).pixels
+      valid[used:used + n] = True
+      used += n
+    return out, valid
 
   def item_example(self, item: int) -> dict[str, np.ndarray]:
     """An item read alone (item_prompt)."""
@@ -295,7 +298,8 @@ class PromptBuilder:
                                                                  * self.layout.image_slots)
     return out
 
-  def train_example(self, history: Sequence[int], target: int) -> dict[str, np.ndarray]:
+  def train_example(self, history: Sequence[int], target: int, pixels: bool = True) -> dict[str, np.ndarray]:
+    """pixels=False leaves out "images" (pipeline.pack_images fetches each distinct tile once)."""
     history = list(history)[-self.layout.max_history:]
     target_ids, target_is_text = self.target_segment(target)
     dropped = 0
@@ -326,7 +330,9 @@ class PromptBuilder:
     if not self.layout.text_only:
       slots = (self.layout.max_history + 1) * self.layout.image_slots
       items = shown + ([target] if self._has_image(target) else [])
-      out["images"], out["image_valid"] = self._images(items, slots)
+      out["images"], out["image_valid"] = self._images(items, slots, pixels)
+      if not pixels:
+        del out["images"]
       # The target's tiles are the valid slots from here on (see PixRec.train_outputs).
       out["target_slot"] = np.int32(sum(r * c + 1 for r, c in map(self.images.grid, shown)))
     return out

@@ -57,11 +57,12 @@ class _SampleWindow(grain.transforms.RandomMap):
 
 class _BuildTrainExample(grain.transforms.Map):
 
-  def __init__(self, builder: PromptBuilder):
+  def __init__(self, builder: PromptBuilder, pixels: bool = True):
     self.builder = builder
+    self.pixels = pixels
 
   def map(self, window: Window) -> dict[str, np.ndarray]:
-    out = self.builder.train_example(window.history, window.target)
+    out = self.builder.train_example(window.history, window.target, pixels=self.pixels)
     history = np.full((self.builder.layout.max_history,), -1, np.int32)
     history[:len(window.history)] = window.history[-self.builder.layout.max_history:]
     out["user_index"] = np.int32(window.user_index)
@@ -80,15 +81,17 @@ def _slot_tiles(builder: PromptBuilder, history: Sequence[int], target: int, dro
   return tiles
 
 
-def pack_images(batch: dict[str, np.ndarray], slot_tiles: list[list[tuple[int, int]]], budget: int,
+def pack_images(batch: dict[str, np.ndarray], slot_tiles: list[list[tuple[int, int]]], budget: int, store,
                 row_offset: int = 0) -> dict[str, np.ndarray]:
-  """Each distinct image tile of the batch once: `images` becomes (budget, C, H, W) rows and
-  `image_index` (B, M) gives every slot's row (+ row_offset: this host's first row of the global
-  array; 0 for empty slots, which are never read). The vision tower then encodes `budget` rows
-  instead of B * M slots, most of which are padding or repeats."""
-  images, valid = batch["images"], batch["image_valid"]
+  """Each distinct image tile of the batch once: `images` (B, M, C, H, W) slots become `budget` rows
+  (budget, C, H, W), read from the ImageStore `store`, and `image_index` (B, M) gives every slot's
+  row (+ row_offset: this host's first row of the global array; 0 for empty slots, which are never
+  read). The vision tower then encodes `budget` rows instead of B * M slots, most of which are
+  padding or repeats, and no (B, M) pixel array is ever made."""
+  valid = batch["image_valid"]
   rows, index = {}, np.zeros(valid.shape, np.int32)
-  packed = np.zeros((budget,) + images.shape[2:], images.dtype)
+  size = store.spec.size
+  packed = np.zeros((budget, 3, size, size), np.float32)
   for b, tiles in enumerate(slot_tiles):
     if len(tiles) != int(valid[b].sum()):
       raise ValueError(f"example {b}: {int(valid[b].sum())} image slots but {len(tiles)} tiles from its items")
@@ -97,7 +100,7 @@ def pack_images(batch: dict[str, np.ndarray], slot_tiles: list[list[tuple[int, i
         if len(rows) == budget:
           raise ValueError(f"the batch has more than data.image_budget={budget} distinct image tiles")
         rows[key] = len(rows)
-        packed[rows[key]] = images[b, slot]
+        packed[rows[key]] = store.get(key[0]).pixels[key[1]]
       index[b, slot] = row_offset + rows[key]
   return {**batch, "images": packed, "image_index": index}
 
@@ -107,7 +110,7 @@ class _BuildTrainBatch(grain.transforms.Map):
   dropping the oldest history item of the example showing most tiles until the distinct tiles fit."""
 
   def __init__(self, builder: PromptBuilder, image_budget: int = 0, row_offset: int = 0):
-    self.build = _BuildTrainExample(builder)
+    self.build = _BuildTrainExample(builder, pixels=not image_budget)
     self.builder = builder
     self.image_budget = image_budget
     self.row_offset = row_offset
@@ -134,7 +137,7 @@ class _BuildTrainBatch(grain.transforms.Map):
         e["dropped_history"] = np.int32(e["dropped_history"] + n)
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
     if self.image_budget:
-      batch = pack_images(batch, tiles, self.image_budget, self.row_offset)
+      batch = pack_images(batch, tiles, self.image_budget, self.builder.images, self.row_offset)
     return batch
 
 
