@@ -1,0 +1,83 @@
+"""Mixed precision: bfloat16 matmuls, float32 softmax, norms, logits and losses.
+
+The dtypes are read off the traced program (every softmax exponential and every
+norm's rsqrt, wherever it is nested), and the bfloat16 model must stay close to
+the float32 one with the same weights.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests import hf_fixtures as fx
+
+from pixrec_jax.models import scan
+from pixrec_jax.models.backbone import Backbone
+from pixrec_jax.models.config import BackboneConfig, Runtime
+from pixrec_jax.recsys import losses
+
+FAMILIES = {"llama": fx.tiny_llama_config, "paligemma": fx.tiny_paligemma_config}
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in it (jit, custom_jvp, scan, remat)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from _equations(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from _equations(sub)
+
+
+def _out_dtypes(jaxpr, primitive: str) -> set:
+  return {str(v.aval.dtype) for e in _equations(jaxpr) if e.primitive.name == primitive for v in e.outvars}
+
+
+def _forward(model, ids):
+  return model.logits(model.hidden_states(model.embed(ids)))
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_compute_keeps_softmax_norms_and_logits_in_float32(family, param_dtype):
+  cfg = BackboneConfig.from_hf_dict(FAMILIES[family]().to_dict())
+  ids = jnp.asarray(np.random.default_rng(0).integers(1, 90, (2, 10)), jnp.int32)
+  reference = Backbone(cfg, Runtime(), rngs=nnx.Rngs(0))
+  # Scanned as the full-size configs run, with the reference's weights (rounded to param_dtype).
+  model = Backbone(cfg, Runtime(dtype="bfloat16", param_dtype=param_dtype, scan_layers=True), rngs=nnx.Rngs(0))
+  weights = scan.to_layout(nnx.state(reference), nnx.state(model))
+  nnx.update(model, jax.tree.map(lambda x: x.astype(param_dtype), weights))
+  assert {str(x.dtype) for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {param_dtype}
+  graphdef, _ = nnx.split(model)
+  jaxpr = jax.make_jaxpr(lambda s: _forward(nnx.merge(graphdef, s), ids))(nnx.state(model)).jaxpr
+  assert _out_dtypes(jaxpr, "exp") == {"float32"}  # attention softmax
+  assert _out_dtypes(jaxpr, "rsqrt") == {"float32"}  # RMSNorms
+  matmuls = [e for e in _equations(jaxpr) if e.primitive.name == "dot_general"]
+  assert any(str(v.aval.dtype) == "bfloat16" for e in matmuls for v in e.invars), "no matmul runs in bfloat16"
+  forward = nnx.jit(_forward)
+  logits = forward(model, ids)
+  assert logits.dtype == jnp.float32
+  want = np.asarray(forward(reference, ids))
+  err = np.abs(np.asarray(logits) - want).max() / np.abs(want).max()
+  assert err < 0.05, f"bfloat16 logits differ from float32 by {err:.3f} of their range"
+
+
+def test_losses_are_float32_from_bfloat16_outputs():
+  rng = np.random.default_rng(0)
+  f32 = {"nig_logits": rng.normal(size=(4, 3, 50)), "user": rng.normal(size=(4, 16)),
+         "target_given_user": rng.normal(size=(4, 16)), "item": rng.normal(size=(4, 16))}
+  f32 = {k: jnp.asarray(v, jnp.float32) for k, v in f32.items()}
+  bf16 = {k: v.astype(jnp.bfloat16) for k, v in f32.items()}
+  batch = {"nig_labels": jnp.asarray(rng.integers(0, 50, (4, 3)), jnp.int32), "nig_weights": jnp.ones((4, 3)),
+           "target_item": jnp.asarray([0, 1, 2, 1], jnp.int32)}
+  weights = losses.LossWeights(0.3, 0.4, 0.2)
+  jaxpr = jax.make_jaxpr(lambda o: losses.mixed_loss(o, batch, weights)[0])(bf16).jaxpr
+  assert _out_dtypes(jaxpr, "exp") == {"float32"} and _out_dtypes(jaxpr, "log") == {"float32"}
+  loss, metrics = losses.mixed_loss(bf16, batch, weights)
+  assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in metrics.values())
+  want, _ = losses.mixed_loss(f32, batch, weights)
+  np.testing.assert_allclose(float(loss), float(want), rtol=2e-2)
