@@ -97,6 +97,42 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       return self._init()
 
+  def random_state(self, seed: int = 0, std: float = 0.02) -> TrainState:
+    """A state of the real shapes, dtypes and shardings filled with cheap values, for benchmarks.
+
+    Kernels and embedding tables N(0, std), other floating parameters ones, optimiser
+    moments and counters zero. It compiles one tiny program per distinct (shape, dtype,
+    sharding) instead of the model's initialisers, whose one program for a full-size
+    backbone (hundreds of random initialisers) takes minutes to compile. Not for training.
+    """
+    programs = {}
+    key = jax.random.key(seed)
+
+    def fill(path, x, i, moments):
+      name = jax.tree_util.keystr(path)
+      floating = jnp.issubdtype(x.dtype, jnp.floating)
+      kind = ("zeros" if moments or not floating else
+              "normal" if ("kernel" in name or "embedding" in name or "lora" in name) else "ones")
+      sig = (kind, x.shape, x.dtype, x.sharding)
+      if sig not in programs:
+        def make(k, kind=kind, shape=x.shape, dtype=x.dtype):
+          if kind == "normal":
+            return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+          return (jnp.zeros if kind == "zeros" else jnp.ones)(shape, dtype)
+        programs[sig] = jax.jit(make, out_shardings=x.sharding)
+      return programs[sig](jax.random.fold_in(key, i))
+
+    with jax.set_mesh(self.mesh):
+      fields = {}
+      count = 0
+      for field in TrainState._fields:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(getattr(self.abstract_state, field))
+        moments = field not in ("params", "frozen")
+        values = [fill(p, x, count + i, moments) for i, (p, x) in enumerate(flat)]
+        count += len(flat)
+        fields[field] = jax.tree_util.tree_unflatten(treedef, values)
+      return TrainState(**fields)
+
   def model(self, state: TrainState) -> nnx.Module:
     return nnx.merge(self.graphdef, state.params, state.frozen)
 
@@ -124,10 +160,14 @@ class Trainer:
   def _accumulated_loss_and_grads(self, state: TrainState, batch: dict) -> tuple[dict, Any]:
     """The same (metrics, gradients) as `_loss_and_grads`, from k microbatches (see the module docstring)."""
     k = self.grad_accum_steps
-    n = next(iter(batch.values())).shape[0]
+    n = batch["full_ids"].shape[0]
     # Microbatch j is rows j, j + k, j + 2k, ...: a batch sharded in row blocks stays sharded over
     # every device in each microbatch.
-    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((n // k, k) + x.shape[1:]), 0, 1), batch)
+    # Packed image tiles (data.image_budget) are rows that any example's image_index may point at: every
+    # microbatch gets all of them, the rest is split by example.
+    shared = {"images": batch["images"]} if "image_index" in batch else {}
+    per_example = {key: x for key, x in batch.items() if key not in shared}
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((n // k, k) + x.shape[1:]), 0, 1), per_example)
     weights = self.weights
     count = losses.nig_count(batch["nig_weights"])
 
@@ -137,6 +177,7 @@ class Trainer:
     def forward(params, mb, j):
       if spread:
         mb = jax.tree.map(lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
+      mb = {**mb, **shared}
       model = self._model(params, state.frozen, self._dropout_key(state.step, j))
       out = model.train_outputs(mb)
       nll, correct = losses.nig_sums(out["nig_logits"], mb["nig_labels"], mb["nig_weights"])
@@ -208,7 +249,7 @@ class Trainer:
 
   def lower(self, abstract_batch: dict):
     """The train step lowered for the abstract state and a batch of these shapes (nothing is allocated)."""
-    self.check_batch_size(next(iter(abstract_batch.values())).shape[0])
+    self.check_batch_size(abstract_batch["full_ids"].shape[0])
     shardings = self.batch_shardings(abstract_batch)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in abstract_batch.items()}
     with jax.set_mesh(self.mesh):
@@ -218,7 +259,7 @@ class Trainer:
     """One update. `batch` is this host's numpy batch; it becomes a global array here."""
     shardings = self.batch_shardings(batch)
     global_batch = {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
-    self.check_batch_size(next(iter(global_batch.values())).shape[0])
+    self.check_batch_size(global_batch["full_ids"].shape[0])
     if self._step is None:
       self._step = self.jitted_step(shardings)
     with jax.set_mesh(self.mesh):
