@@ -166,10 +166,11 @@ def build_trainer(cfg, bcfg, text_only: bool, runtime: dict | None = None):
   return Trainer(model_fn, tx, trainable, weights, mesh, sched), rt
 
 
-def time_rounds(step, warmup: int, rounds: int, steps: int, sync) -> tuple[float, float, float]:
+def time_rounds(step, warmup: int, rounds: int, steps: int, sync, timed_step=None) -> tuple[float, float, float]:
   """(median seconds per step over rounds, seconds of the warm-up, median CPU seconds of this process per
-  step). `step()` runs one step; `sync()` waits. On a shared CPU the process's CPU time is the steadier
-  measure of work: other processes' load stretches wall time, not it."""
+  step). `step()` runs one step (`timed_step()`, if given, in the timed rounds); `sync()` waits. On a
+  shared CPU the process's CPU time is the steadier measure of work: other processes' load stretches wall
+  time, not it."""
   start = time.perf_counter()
   for _ in range(warmup):
     step()
@@ -179,7 +180,7 @@ def time_rounds(step, warmup: int, rounds: int, steps: int, sync) -> tuple[float
   for _ in range(rounds):
     start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
-      step()
+      (timed_step or step)()
     sync()
     times.append((time.perf_counter() - start) / steps)
     cpu.append((time.process_time() - start_cpu) / steps)
@@ -237,14 +238,21 @@ def main(argv=None) -> dict:
     print(f"this tree's Runtime has no {k!r}; running without it")
     del runtime[k]
   trainer, rt = build_trainer(cfg, bcfg, text_only, runtime)
-  state = [trainer.init_state()]
+  # Random weights of the real shapes: the model's own initialisers compile for minutes at full size and
+  # the values do not change the step's speed (tests/test_random_state.py checks the state).
+  state = [trainer.random_state(cfg.seed)]
   metrics = [None]
 
   def step():
     state[0], metrics[0] = trainer.step(state[0], batch)
 
+  def guarded_step():
+    # No device-to-host transfer inside the timed steps: a hidden sync would fail here, not just slow down.
+    with jax.transfer_guard_device_to_host("disallow"):
+      step()
+
   step_s, warm_s, cpu_s = time_rounds(step, args.warmup, args.rounds, args.steps,
-                               lambda: jax.block_until_ready((state[0], metrics[0])))
+                                      lambda: jax.block_until_ready((state[0], metrics[0])), timed_step=guarded_step)
   loss = float(jax.device_get(metrics[0]["loss"]))
   n_dev = trainer.mesh.size
   kind = jax.devices()[0].device_kind

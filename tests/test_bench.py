@@ -52,18 +52,17 @@ def test_synthetic_batch_has_one_image_block_per_valid_slot(style, image_seq_len
   assert not batch["images"][~batch["image_valid"]].any() and batch["images"][batch["image_valid"]].std() > 0.5
 
 
-def test_train_step_never_waits_for_the_device(image_budget=24):
-  """Steps run back to back with no device-to-host transfer (a log line's device_get is the only sync)."""
+def test_train_step_never_waits_for_the_device():
+  """Steps run back to back with no device-to-host transfer (a log line's device_get is the only sync).
+  Text only and one layer, to compile fast; bench/train_step.py times every model under the same guard."""
   import jax
 
-  cfg, _ = config_lib.parse_args(["--config", "configs/demo.py", "--config.model.text.num_hidden_layers=1",
-                                  "--config.model.vision.num_hidden_layers=1", "--config.train.batch_size=4"])
+  cfg, _ = config_lib.parse_args(["--config", "configs/demo.py:text_only", "--config.model.text.num_hidden_layers=1",
+                                  "--config.train.batch_size=4"])
   bcfg = train_step.backbone_config(cfg)
-  layout = train_step.layout_for(bcfg, max_history=cfg.data.max_history, text_only=False)
-  batch = train_step.synthetic_batch(layout, batch=4, vocab=bcfg.text.vocab_size, image_token=bcfg.image_token_id,
-                                     image_budget=image_budget)
-  assert ("image_index" in batch) == bool(image_budget)
-  trainer, _ = train_step.build_trainer(cfg, bcfg, text_only=False)
+  layout = train_step.layout_for(bcfg, max_history=cfg.data.max_history, text_only=True)
+  batch = train_step.synthetic_batch(layout, batch=4, vocab=bcfg.text.vocab_size, image_token=bcfg.image_token_id)
+  trainer, _ = train_step.build_trainer(cfg, bcfg, text_only=True)
   state = trainer.init_state()
   state, _ = trainer.step(state, batch)  # compiles
   with jax.transfer_guard_device_to_host("disallow"):
