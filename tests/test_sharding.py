@@ -1,4 +1,5 @@
-"""Sharded training equals single-device training (8 forced CPU devices, in a subprocess)."""
+"""Sharded training equals single-device training (8 forced CPU devices, in a subprocess),
+for SmolVLM and PaliGemma 2 backbones; one mesh per family runs scanned layers under remat."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+FAMILIES = ("smolvlm", "paligemma")
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +23,21 @@ def runs(tmp_path_factory):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh", ["data8", "fsdp4_data2", "tp2_fsdp2_dp2"])
-def test_mesh_gives_single_device_losses_and_params(runs, mesh):
-  want, got = runs["single"], runs[mesh]
+def test_mesh_gives_single_device_losses_and_params(runs, family, mesh):
+  want, got = runs[family]["single"], runs[family][mesh]
   np.testing.assert_allclose(got["losses"], want["losses"], atol=1e-5, rtol=0)
+  assert set(got["params"]) == set(want["params"])
   for name, values in want["params"].items():
     np.testing.assert_allclose(got["params"][name], values, atol=1e-5, rtol=0, err_msg=name)
 
 
-def test_meshes_really_shard_the_state(runs):
-  assert any("fsdp" in s for s in runs["fsdp4_data2"]["specs"])
-  assert any("tensor" in s for s in runs["tp2_fsdp2_dp2"]["specs"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_meshes_really_shard_the_state(runs, family):
+  assert any("fsdp" in s for s in runs[family]["fsdp4_data2"]["specs"])
+  assert any("tensor" in s for s in runs[family]["tp2_fsdp2_dp2"]["specs"])
+  # One run per family has scanned layers: stacked arrays sharded, but never along their layer axis.
+  scanned = [run for run in runs[family].values() if run["scanned"]]
+  assert len(scanned) == 1
+  assert scanned[0]["layer_axis_specs"] == ["None"] and scanned[0]["stacked_sharded"]
