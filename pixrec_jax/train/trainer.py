@@ -163,11 +163,10 @@ class Trainer:
     n = batch["full_ids"].shape[0]
     # Microbatch j is rows j, j + k, j + 2k, ...: a batch sharded in row blocks stays sharded over
     # every device in each microbatch.
-    # Packed image tiles (data.image_budget) are rows that any example's image_index may point at: every
-    # microbatch gets all of them, the rest is split by example.
-    shared = {"images": batch["images"]} if "image_index" in batch else {}
-    per_example = {key: x for key, x in batch.items() if key not in shared}
-    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((n // k, k) + x.shape[1:]), 0, 1), per_example)
+    if "image_index" in batch:
+      raise ValueError("packed image batches (data.image_budget > 0) share image rows across examples, which "
+                       "microbatches (train.grad_accum_steps > 1) cannot split")
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((n // k, k) + x.shape[1:]), 0, 1), batch)
     weights = self.weights
     count = losses.nig_count(batch["nig_weights"])
 
@@ -177,7 +176,6 @@ class Trainer:
     def forward(params, mb, j):
       if spread:
         mb = jax.tree.map(lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
-      mb = {**mb, **shared}
       model = self._model(params, state.frozen, self._dropout_key(state.step, j))
       out = model.train_outputs(mb)
       nll, correct = losses.nig_sums(out["nig_logits"], mb["nig_labels"], mb["nig_weights"])
