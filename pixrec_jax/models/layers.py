@@ -159,6 +159,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     if softcap is not None:
       raise ValueError("attention='cudnn' has no logit soft-capping, which this model (Gemma2) needs; "
                        "use attention='xla'")
+    if mask is not None:  # cuDNN takes a mask with every query row, not one broadcast over queries
+      mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
   if implementation != "xla":
     raise ValueError(f"attention implementation must be 'xla' or 'cudnn', got {implementation!r}")
