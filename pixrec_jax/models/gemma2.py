@@ -81,11 +81,7 @@ class Gemma2Model(nnx.Module):
                                      param_dtype=rt.params_dtype, scale=cfg.hidden_size**0.5, rngs=rngs)
     self.scan_layers = rt.scan_layers
     self.remat = rt.remat
-    make = lambda: DecoderLayer(cfg, rt, rngs)
-    if rt.scan_layers:
-      self.layers = scan.stack(make, cfg.num_hidden_layers)
-    else:
-      self.layers = nnx.List([make() for _ in range(cfg.num_hidden_layers)])
+    self.layers = scan.layer_stack(lambda: DecoderLayer(cfg, rt, rngs), cfg.num_hidden_layers, rt.scan_layers)
     self.norm = layers.GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=rt.params_dtype, rngs=rngs)
 
   def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:

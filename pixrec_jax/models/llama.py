@@ -140,11 +140,7 @@ class LlamaModel(nnx.Module):
                                      param_dtype=rt.params_dtype, rngs=rngs)
     self.scan_layers = rt.scan_layers
     self.remat = rt.remat
-    make = lambda: DecoderLayer(cfg, rt, rngs)
-    if rt.scan_layers:
-      self.layers = scan.stack(make, cfg.num_hidden_layers)
-    else:
-      self.layers = nnx.List([make() for _ in range(cfg.num_hidden_layers)])
+    self.layers = scan.layer_stack(lambda: DecoderLayer(cfg, rt, rngs), cfg.num_hidden_layers, rt.scan_layers)
     self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=rt.params_dtype, rngs=rngs)
 
   def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:

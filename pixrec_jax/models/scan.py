@@ -67,6 +67,13 @@ def stack(make: Callable[[], nnx.Module], num_layers: int) -> nnx.Module:
   return nnx.merge(graphdef, stacked)
 
 
+def layer_stack(make: Callable[[], nnx.Module], num_layers: int, scanned: bool) -> nnx.Module:
+  """`num_layers` layers from `make`: one stacked module to scan over, or an `nnx.List` to loop over."""
+  if scanned:
+    return stack(make, num_layers)
+  return nnx.List([make() for _ in range(num_layers)])
+
+
 def remat(fn: Callable, policy_name: str) -> Callable:
   """fn(layer, *args) rematerialised under the named policy (unchanged for "none")."""
   policy = remat_policy(policy_name)

@@ -135,11 +135,7 @@ class VisionEncoder(nnx.Module):
   def __init__(self, cfg: VisionConfig, rt: Runtime, rngs: nnx.Rngs):
     self.scan_layers = rt.scan_layers
     self.remat = rt.remat
-    make = lambda: VisionEncoderLayer(cfg, rt, rngs)
-    if rt.scan_layers:
-      self.layers = scan.stack(make, cfg.num_hidden_layers)
-    else:
-      self.layers = nnx.List([make() for _ in range(cfg.num_hidden_layers)])
+    self.layers = scan.layer_stack(lambda: VisionEncoderLayer(cfg, rt, rngs), cfg.num_hidden_layers, rt.scan_layers)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     call = lambda layer, x, _: layer(x, mask)
