@@ -47,7 +47,7 @@ def test_accumulated_step_equals_the_large_batch_step(word_tokenizer, batch):
   assert len(set(batch["target_item"].tolist())) > 2  # in-batch negatives exist
   state = _trainer(model_fn, 1).init_state()
   results = {}
-  for k in (1, 2, 4):
+  for k in (1, 4):  # 4 microbatches of 2: the hardest split of this batch; k=2 adds a compile, no case
     trainer = _trainer(model_fn, k)
     grad_fn = trainer._accumulated_loss_and_grads if k > 1 else trainer._loss_and_grads
     # One program per k (no donation, so every k starts from the same state): the gradient and the update
@@ -58,7 +58,7 @@ def test_accumulated_step_equals_the_large_batch_step(word_tokenizer, batch):
   metrics1, grads1, params1, step1 = results[1]
   assert np.mean([np.abs(g).max() for g in grads1.values()]) > 1e-4
   assert not np.allclose(params1[("user_proj", "kernel")], _flat(state.params)[("user_proj", "kernel")])
-  for k in (2, 4):
+  for k in (4,):
     metrics, grads, params, step = results[k]
     for name in ("loss", "nig", "l_tt", "l_ut", "nig_token_acc", "tt_acc", "ut_acc"):
       np.testing.assert_allclose(metrics[name], metrics1[name], rtol=1e-5, atol=1e-6, err_msg=f"k={k} {name}")

@@ -73,10 +73,11 @@ def _assert_close(got, want, what):
 
 # family -> (looped remat, scanned remat): every pair rematerialises on one side at least,
 # so each policy and scanning are checked against a different computation of the same numbers.
-PAIRS = {"llama": ("none", "full"), "paligemma": ("dots", "none"), "smolvlm": ("full", "minimal")}
+# Every policy on one side or the other; SmolVLM's decoder is the Llama one, so Llama alone adds no case.
+PAIRS = {"paligemma": ("dots", "none"), "smolvlm": ("full", "minimal")}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PAIRS)
 def test_scanned_and_remat_equal_looped_forward_and_gradients(family):
   cfg = _config(family)
   ids, pixels = _inputs(cfg)
