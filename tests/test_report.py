@@ -125,6 +125,18 @@ def test_seed_aggregation_gives_mean_and_sample_std():
   assert "n/a" in report.markdown(report.aggregate_seeds([one(0.2, None)], [3]))
 
 
+def test_a_model_without_curve_or_some_metrics_gets_a_row_of_its_own(tmp_path):
+  """The generative protocol's row: its metrics in the table (n/a where it has none), no line in the plot."""
+  dense = {"metrics": {"recall@1": 0.5, "mrr": 0.7}, "curve": {"k": [1, 5], "recall": [0.5, 1.0], "ndcg": [0.5, 0.6]},
+           "cold_start": None}
+  out = {"split": "test", "users": 4, "catalogue_items": 9, "mask_history": True,
+         "models": {"pixrec": dense, "pixrec (generative, 2 users)": {"metrics": {"recall@1": 0.25}, "curve": None,
+                                                                       "cold_start": None}}}
+  files = report.write(tmp_path, out)
+  assert "| pixrec (generative, 2 users) | 0.2500 | n/a |" in files["md"].read_text()
+  assert files["plot"].stat().st_size > 5000
+
+
 def test_gallery_shows_history_top_k_and_highlights_the_target(small_dataset):
   cases = [_case([0, 1], 5), _case([2], 3)]
   page = gallery.render(small_dataset, cases, np.array([2, 12]), np.array([[4, 5, 6], [7, 8, 9]]),

@@ -52,7 +52,7 @@ def markdown(report: dict) -> str:
   lines += ["", "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
   for name, m in models.items():
     std = m.get("std") or {}
-    lines.append(f"| {name} | " + " | ".join(_cell(m["metrics"][k], std.get(k)) for k in keys) + " |")
+    lines.append(f"| {name} | " + " | ".join(_cell(m["metrics"].get(k), std.get(k)) for k in keys) + " |")
   ratio = report.get("ratio_images_to_text")
   if ratio:
     lines.append("| images / text only | " + " | ".join("n/a" if ratio.get(k) is None else f"{ratio[k]:.2f}x"
@@ -161,11 +161,12 @@ def _json_safe(x: Any) -> Any:
 
 
 def run_report(job, state, results: dict, reports: dict, item_emb: np.ndarray,
-               settings: ranking.EvalSettings) -> dict | None:
+               settings: ranking.EvalSettings, generative: dict | None = None) -> dict | None:
   """The report of a trained run on its test split (or the last evaluated one): the model, the
-  baselines of eval.baselines, the plot and the gallery of eval.gallery_users sampled users,
-  written to the work directory by process 0. Every process calls it (the gallery's users
-  are embedded by all). `job` is a train.run.Job."""
+  same model under the paper's generative protocol when `generative` ({split: (metrics, report)})
+  has that split, the baselines of eval.baselines, the plot and the gallery of eval.gallery_users
+  sampled users, written to the work directory by process 0. Every process calls it (the
+  gallery's users are embedded by all). `job` is a train.run.Job."""
   cfg = job.cfg
   if not results:
     return None
@@ -173,6 +174,10 @@ def run_report(job, state, results: dict, reports: dict, item_emb: np.ndarray,
   cases = {"valid": job.splits.valid, "test": job.splits.test}[split]
   name = "pixrec_text_only" if job.text_only else "pixrec"
   models = {name: model_entry(results[split], reports[split])}
+  if generative and split in generative:  # no curve or cold-start slice: those are dense-ranking figures
+    metrics, gen_report = generative[split]
+    label = f"{name} (generative, {gen_report['users']} users)" if "users" in gen_report else f"{name} (generative)"
+    models[label] = {"metrics": metrics, "curve": None, "cold_start": None}
   models.update(baselines.evaluate(tuple(cfg.eval.baselines), cases, job.splits, item_emb, settings.mask_history))
   split_report = reports[split]
   report = {"title": f"PixRec evaluation, {job.workdir.name}", "split": split, "users": split_report["users"],

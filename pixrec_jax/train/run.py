@@ -446,7 +446,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
   dense = {split: m for split, m in results.items() if not split.startswith("generative/")}
   if dense and cfg.eval.report:
     settings = eval_settings(job)
-    report.run_report(job, state, dense, reports, catalog_embeddings(job, state, settings), settings)
+    gen = {k[len("generative/"):]: (m, reports[k]) for k, m in results.items() if k.startswith("generative/")}
+    report.run_report(job, state, dense, reports, catalog_embeddings(job, state, settings), settings, gen)
     if job.is_main:
       print(f"wrote {job.workdir / report.REPORT_MD}, {report.PLOT} and {report.GALLERY}")
   return out
