@@ -8,6 +8,24 @@ import transformers
 from pixrec_jax.data import catalog, examples, images, synthetic
 
 
+def tiny_pixrec_fn(tokenizer, tie: bool = False, text_only: bool = False):
+  """A maker of the tests' tiny SmolVLM-family PixRec (one text and one vision layer) for `tokenizer`."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from pixrec_jax.models.backbone import Backbone  # pylint: disable=import-outside-toplevel
+  from pixrec_jax.models.config import BackboneConfig, Runtime, TextConfig, VisionConfig  # pylint: disable=import-outside-toplevel
+  from pixrec_jax.recsys.model import HeadsConfig, PixRec  # pylint: disable=import-outside-toplevel
+
+  text = TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tie)
+  vision = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        image_size=32, patch_size=8)
+  cfg = BackboneConfig("idefics3", text, vision, scale_factor=2,
+                       image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+  return lambda: PixRec(Backbone(cfg, Runtime(), rngs=nnx.Rngs(0)), HeadsConfig(proj_dim=16, text_only=text_only),
+                        rngs=nnx.Rngs(1))
+
+
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
   """A small synthetic catalogue: 30 product lines, 80 users."""

@@ -7,22 +7,10 @@ from flax import nnx
 
 from pixrec_jax import sharding as shd
 from pixrec_jax.data import pipeline
-from pixrec_jax.models.backbone import Backbone
-from pixrec_jax.models.config import BackboneConfig, Runtime, TextConfig, VisionConfig
 from pixrec_jax.recsys.losses import LossWeights
-from pixrec_jax.recsys.model import HeadsConfig, PixRec
 from pixrec_jax.train import optim
 from pixrec_jax.train.trainer import Trainer
-
-
-def _model_fn(tokenizer):
-  text = TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
-  vision = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        image_size=32, patch_size=8)
-  cfg = BackboneConfig("idefics3", text, vision, scale_factor=2,
-                       image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-  return lambda: PixRec(Backbone(cfg, Runtime(), rngs=nnx.Rngs(0)), HeadsConfig(proj_dim=16), rngs=nnx.Rngs(1))
+from tests.conftest import tiny_pixrec_fn
 
 
 def _trainer(model_fn, k):
@@ -43,7 +31,7 @@ def _flat(tree):
 
 
 def test_accumulated_step_equals_the_large_batch_step(word_tokenizer, batch):
-  model_fn = _model_fn(word_tokenizer)
+  model_fn = tiny_pixrec_fn(word_tokenizer)
   assert len(set(batch["target_item"].tolist())) > 2  # in-batch negatives exist
   state = _trainer(model_fn, 1).init_state()
   results = {}
@@ -71,8 +59,8 @@ def test_accumulated_step_equals_the_large_batch_step(word_tokenizer, batch):
 
 
 def test_a_batch_size_not_divisible_by_the_microbatch_count_is_an_error(word_tokenizer, batch):
-  trainer = _trainer(_model_fn(word_tokenizer), 3)
+  trainer = _trainer(tiny_pixrec_fn(word_tokenizer), 3)
   with pytest.raises(ValueError, match="train.batch_size=8 is not divisible by train.grad_accum_steps=3"):
     trainer.step(None, batch)  # refused before the state is read or the step compiled
   with pytest.raises(ValueError, match="grad_accum_steps must be >= 1"):
-    _trainer(_model_fn(word_tokenizer), 0)
+    _trainer(tiny_pixrec_fn(word_tokenizer), 0)

@@ -8,9 +8,7 @@ from flax import nnx
 from pixrec_jax.data.catalog import EvalCase
 from pixrec_jax.eval import bm25, generative
 from pixrec_jax.eval.generate import GenerationSettings
-from pixrec_jax.models.backbone import Backbone
-from pixrec_jax.models.config import BackboneConfig, Runtime, TextConfig, VisionConfig
-from pixrec_jax.recsys.model import HeadsConfig, PixRec
+from tests.conftest import tiny_pixrec_fn
 
 EPS = 1 / 5000
 
@@ -76,20 +74,10 @@ def test_protocol_and_settings_name_their_keys():
     GenerationSettings(num_beams=0).validate()
 
 
-def _tiny_pixrec(tokenizer):
-  text = TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
-  vision = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        image_size=32, patch_size=8)
-  cfg = BackboneConfig("idefics3", text, vision, scale_factor=2,
-                       image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-  return PixRec(Backbone(cfg, Runtime(), rngs=nnx.Rngs(0)), HeadsConfig(proj_dim=16), rngs=nnx.Rngs(1))
-
-
 def test_split_evaluation_with_images(word_tokenizer, image_builder, small_splits):
   """Prompts with images, batched with padding: each case's beams are those it gets alone, and
   the ranks are the fusion of exactly those beams."""
-  graphdef, state = nnx.split(_tiny_pixrec(word_tokenizer))
+  graphdef, state = nnx.split(tiny_pixrec_fn(word_tokenizer, tie=True)())
   cases = list(small_splits.test[:3])
   settings = generative.GenerativeSettings(GenerationSettings(num_beams=2, max_new_tokens=4), batch_size=2,
                                            progress=False)

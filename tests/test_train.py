@@ -10,24 +10,11 @@ from flax import nnx
 from pixrec_jax import config_lib
 from pixrec_jax import sharding as shd
 from pixrec_jax.data import pipeline
-from pixrec_jax.models.backbone import Backbone
-from pixrec_jax.models.config import BackboneConfig, Runtime, TextConfig, VisionConfig
 from pixrec_jax.recsys.losses import LossWeights
-from pixrec_jax.recsys.model import HeadsConfig, PixRec
 from pixrec_jax.train import optim
 from pixrec_jax.train.run import train_and_evaluate
 from pixrec_jax.train.trainer import Trainer
-
-
-def _tiny_model_fn(tokenizer, tie, text_only=False):
-  text = TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tie)
-  vision = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        image_size=32, patch_size=8)
-  cfg = BackboneConfig("idefics3", text, vision, scale_factor=2,
-                       image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-  return lambda: PixRec(Backbone(cfg, Runtime(), rngs=nnx.Rngs(0)), HeadsConfig(proj_dim=16, text_only=text_only),
-                        rngs=nnx.Rngs(1))
+from tests.conftest import tiny_pixrec_fn
 
 
 def _trainer(model_fn, trainable, lr=3e-3):
@@ -47,7 +34,7 @@ def _paths(state):
 @pytest.mark.parametrize("tie", [False, True])
 def test_paper_mode_trains_only_heads_and_lm_head(word_tokenizer, image_builder, small_splits, tie):
   trainable = optim.trainable_filter("heads_lm_head", tied_embeddings=tie, text_only=False)
-  trainer = _trainer(_tiny_model_fn(word_tokenizer, tie), trainable)
+  trainer = _trainer(tiny_pixrec_fn(word_tokenizer, tie), trainable)
   state = trainer.init_state()
   roots = {p.rsplit("/", 1)[0] for p in _paths(state.params)}
   head = "backbone/text_model/embed_tokens" if tie else "backbone/lm_head"
@@ -59,12 +46,12 @@ def test_paper_mode_trains_only_heads_and_lm_head(word_tokenizer, image_builder,
 
 
 def test_frozen_vision_and_text_only_freeze_the_vision_tower(word_tokenizer):
-  fn = _tiny_model_fn(word_tokenizer, False)
+  fn = tiny_pixrec_fn(word_tokenizer, False)
   frozen_vision = _trainer(fn, optim.trainable_filter("frozen_vision", tied_embeddings=False, text_only=False))
   paths = _paths(frozen_vision.init_state().params)
   assert not any(p.startswith("backbone/vision_model") for p in paths)
   assert any(p.startswith("backbone/connector") for p in paths)
-  text_only = _trainer(_tiny_model_fn(word_tokenizer, False, text_only=True),
+  text_only = _trainer(tiny_pixrec_fn(word_tokenizer, False, text_only=True),
                        optim.trainable_filter("all", tied_embeddings=False, text_only=True))
   paths = _paths(text_only.init_state().params)
   assert not any(p.startswith(("backbone/vision_model", "backbone/connector")) for p in paths)
@@ -73,7 +60,7 @@ def test_frozen_vision_and_text_only_freeze_the_vision_tower(word_tokenizer):
 
 
 def test_train_step_fits_a_fixed_batch(word_tokenizer, image_builder, small_splits):
-  trainer = _trainer(_tiny_model_fn(word_tokenizer, False), nnx.Param, lr=1e-2)
+  trainer = _trainer(tiny_pixrec_fn(word_tokenizer, False), nnx.Param, lr=1e-2)
   state = trainer.init_state()
   batch = _batch(image_builder, small_splits)
   losses = []
@@ -121,7 +108,7 @@ def test_two_runs_with_one_seed_give_identical_metrics(tmp_path):
 def test_items_with_identical_text_tie_exactly_in_text_only_ranking(word_tokenizer, text_builder, small_dataset):
   from pixrec_jax.eval import ranking
 
-  trainer = _trainer(_tiny_model_fn(word_tokenizer, False, text_only=True),
+  trainer = _trainer(tiny_pixrec_fn(word_tokenizer, False, text_only=True),
                      optim.trainable_filter("all", tied_embeddings=False, text_only=True))
   state = trainer.init_state()
   keys = [(text_builder.item_texts[i], None) for i in range(small_dataset.num_items)]
