@@ -216,6 +216,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--torch", action="store_true", help="run bench/torch_reference.py after ours, print the ratio")
   parser.add_argument("--scan-layers", action="store_true", help="scan over layers, where this tree's Runtime can")
   parser.add_argument("--remat", default="", help="a remat policy name, where this tree's Runtime has remat")
+  parser.add_argument("--profile", default="", help="after timing, trace --profile-steps steps with jax.profiler "
+                      "into this folder (open it with TensorBoard's or XProf's profile plugin)")
+  parser.add_argument("--profile-steps", type=int, default=2, help="steps traced with --profile")
   args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
 
   import jax  # pylint: disable=import-outside-toplevel
@@ -253,6 +256,11 @@ def main(argv=None) -> dict:
 
   step_s, warm_s, cpu_s = time_rounds(step, args.warmup, args.rounds, args.steps,
                                       lambda: jax.block_until_ready((state[0], metrics[0])), timed_step=guarded_step)
+  if args.profile:
+    with jax.profiler.trace(args.profile):
+      for _ in range(args.profile_steps):
+        step()
+      jax.block_until_ready((state[0], metrics[0]))
   loss = float(jax.device_get(metrics[0]["loss"]))
   n_dev = trainer.mesh.size
   kind = jax.devices()[0].device_kind

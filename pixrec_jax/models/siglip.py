@@ -167,6 +167,10 @@ class VisionTransformer(nnx.Module):
       if (h, w) != (self.cfg.image_size,) * 2:
         raise ValueError(f"images must be {self.cfg.image_size}x{self.cfg.image_size}, got {h}x{w}")
       return self.post_layernorm(self.encoder(self.embeddings(pixel_values, None), None))
+    if patch_mask is None and (h, w) == (self.cfg.image_size,) * 2:
+      # Every patch of a full-size grid real: raster positions (what position_ids gives for it) and no key
+      # mask, so a fused attention kernel takes its unmasked path instead of reading an all-True mask.
+      return self.post_layernorm(self.encoder(self.embeddings(pixel_values, None), None))
     if patch_mask is None:
       patch_mask = jnp.ones((n, h // p, w // p), dtype=bool)
     x = self.embeddings(pixel_values, patch_mask)
