@@ -14,8 +14,14 @@
 #              remat if the cuDNN run fails), scanned layers, data.image_budget=80 (padding slots skipped);
 #              then bench/torch_reference.py on the same batch and settings
 #   paligemma  configs/paligemma2_3b_224.py: bf16, XLA attention (Gemma2's logit soft-capping has no cuDNN
-#              path), scanned layers, full remat; then the PyTorch reference (which halves its batch until it
-#              fits, if it must: see its "batch")
+#              path), scanned layers, remat $PALIGEMMA_REMAT; then the PyTorch reference (which halves its batch
+#              until it fits, if it must: see its "batch")
+#   smolvlm@B, paligemma@B   the same at batch B (smolvlm's image budget scaled with it)
+#   loader     bench/loader_vs_step.py: the training input pipeline alone at the smolvlm shapes
+#              ($LOADER_WORKERS worker processes), against the examples/s of this run's smolvlm step
+# PROFILE=1 also traces two steps of each model with jax.profiler ($OUT/<item>.xplane.pb, for XProf or
+# TensorBoard's profile plugin); TORCH=0 skips the PyTorch references; RESIDENT=1 also times each step on
+# a batch already on the device.
 # Random weights throughout (no checkpoint is read). Total time stays under 10 minutes on one H100/H200
 # with the default timeouts (ITEMS="demo smolvlm" and ITEMS=paligemma split it in two calls).
 # Ends with a summary table (markdown) and $OUT/summary.json.
@@ -33,6 +39,17 @@ SMOLVLM_BATCH="${SMOLVLM_BATCH:-16}"
 # Image rows per smolvlm batch (data.image_budget): batch x (max_history + 3) / 2 x 1.2, a multiple of 8; 0: every slot.
 SMOLVLM_BUDGET="${SMOLVLM_BUDGET:-80}"
 PALIGEMMA_BATCH="${PALIGEMMA_BATCH:-4}"
+PALIGEMMA_REMAT="${PALIGEMMA_REMAT:-full}"
+LOADER_WORKERS="${LOADER_WORKERS:-8}"
+TORCH="${TORCH:-1}"
+# profile_args ITEM: the --profile option when PROFILE=1
+profile_args() { [ "${PROFILE:-0}" = 1 ] && echo "--profile $SPECS/prof_$1"; }
+# keep_profile ITEM: the trace's xplane.pb as $OUT/ITEM.xplane.pb
+keep_profile() {
+  local f
+  f="$(find "$SPECS/prof_$1" -name '*.xplane.pb' 2>/dev/null | head -n 1)"
+  [ -n "$f" ] && cp "$f" "$OUT/${1/@/_b}.xplane.pb"
+}
 # More bench/train_step.py options for both models (e.g. --config.KEY=VALUE) go in EXTRA.
 EXTRA="${EXTRA:-}"
 
@@ -63,7 +80,7 @@ run() {
   cat "$tmp" >>"$LOG"
   tail -n 3 "$tmp"
   local last
-  last="$(tail -n 1 "$tmp")"
+  last="$(grep "^{" "$tmp" | tail -n 1)"  # the JSON line (worker processes may log after it)
   if [ $rc -eq 0 ] && [ "${last:0:1}" = "{" ]; then
     echo "{\"item\": \"$item\", ${last:1}" >>"$RESULTS"
   else
@@ -78,26 +95,45 @@ run() {
 }
 
 for item in $ITEMS; do
+  batch_of() { case $1 in *@*) echo "${1#*@}" ;; *) echo "$2" ;; esac; }
+  resident=""
+  [ "${RESIDENT:-0}" = 1 ] && resident="--resident"
   case $item in
     demo)
       run demo 60 "$PY" bench/train_step.py --config configs/demo.py --batch 32 --warmup 1 --rounds 2 --steps 3 ;;
-    smolvlm)
+    smolvlm|smolvlm@*)
+      b=$(batch_of "$item" "$SMOLVLM_BATCH")
+      budget=$((SMOLVLM_BUDGET * b / SMOLVLM_BATCH))
       smolvlm() {
-        run "$1" "$2" "$PY" bench/train_step.py --config configs/smolvlm_256m.py --batch "$SMOLVLM_BATCH" \
-          --warmup 2 --rounds 3 --steps 5 --spec-out "$SPECS/smolvlm" --config.model.dtype=bfloat16 \
-          --config.model.attention="$3" --scan-layers --config.data.image_budget="$SMOLVLM_BUDGET" $4 $EXTRA
+        run "$1" "$2" "$PY" bench/train_step.py --config configs/smolvlm_256m.py --batch "$b" \
+          --warmup 2 --rounds 3 --steps 5 --spec-out "$SPECS/$1" --config.model.dtype=bfloat16 \
+          --config.model.attention="$3" --scan-layers --config.data.image_budget="$budget" $resident \
+          $(profile_args "$1") $4 $EXTRA
       }
-      smolvlm smolvlm 150 cudnn ""
+      smolvlm "$item" 150 cudnn ""
       rc=$?
+      keep_profile "$item"
       # XLA's attention keeps (images x heads x 1024 x 1024) float32 probabilities per vision layer: recompute them.
-      [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ] && smolvlm smolvlm_xla 120 xla --remat=minimal
-      [ -f "$SPECS/smolvlm/spec.json" ] && run smolvlm_torch 90 "$PY" bench/torch_reference.py --spec "$SPECS/smolvlm" ;;
-    paligemma)
-      run paligemma 190 "$PY" bench/train_step.py --config configs/paligemma2_3b_224.py --batch "$PALIGEMMA_BATCH" \
-        --warmup 2 --rounds 3 --steps 3 --spec-out "$SPECS/paligemma" --config.model.dtype=bfloat16 \
-        --config.model.attention=xla --scan-layers --remat=full $EXTRA
-      [ -f "$SPECS/paligemma/spec.json" ] && run paligemma_torch 100 "$PY" bench/torch_reference.py --spec "$SPECS/paligemma" ;;
-    *) echo "unknown item $item (demo smolvlm paligemma)" ;;
+      [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ] && smolvlm "${item/smolvlm/smolvlm_xla}" 120 xla --remat=minimal
+      [ "$TORCH" = 1 ] && [ -f "$SPECS/$item/spec.json" ] && \
+        run "${item}_torch" 90 "$PY" bench/torch_reference.py --spec "$SPECS/$item" ;;
+    paligemma|paligemma@*)
+      b=$(batch_of "$item" "$PALIGEMMA_BATCH")
+      run "$item" 190 "$PY" bench/train_step.py --config configs/paligemma2_3b_224.py --batch "$b" \
+        --warmup 2 --rounds 3 --steps 3 --spec-out "$SPECS/$item" --config.model.dtype=bfloat16 \
+        --config.model.attention=xla --scan-layers --remat="$PALIGEMMA_REMAT" $resident $(profile_args "$item") $EXTRA
+      keep_profile "$item"
+      [ "$TORCH" = 1 ] && [ -f "$SPECS/$item/spec.json" ] && \
+        run "${item}_torch" 100 "$PY" bench/torch_reference.py --spec "$SPECS/$item" ;;
+    loader)
+      # The step rate to feed: this run's last smolvlm result (63 examples/s, the H200's, if none).
+      rate="$("$PY" -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; \
+r=[x['examples_per_s'] for x in r if x['item'].startswith('smolvlm') and 'examples_per_s' in x]; print(r[-1] if r else 63)" "$RESULTS")"
+      run loader 240 "$PY" bench/loader_vs_step.py --config configs/smolvlm_256m.py --steps 0 \
+        --step-examples-per-s "$rate" --batches 40 --config.train.batch_size="$SMOLVLM_BATCH" \
+        --config.data.image_budget="$SMOLVLM_BUDGET" --config.data.num_workers="$LOADER_WORKERS" \
+        --workdir "$SPECS/loader" ;;
+    *) echo "unknown item $item (demo smolvlm[@B] paligemma[@B] loader)" ;;
   esac
 done
 
@@ -113,6 +149,11 @@ print("|---|---|---|---|---|---|---|---|")
 summary = {}
 for name, r in rows.items():
   if name.endswith("_torch"):
+    continue
+  if name == "loader":
+    print(f"loader ({r.get('num_workers')} workers): {r.get('loader_examples_per_s', r.get('error'))} examples/s, "
+          f"{r.get('loader_over_step')}x the step's {r.get('train_steps_per_s')} steps/s")
+    summary[name] = r
     continue
   theirs = rows.get(name.replace("_xla", "") + "_torch", {})
   ratio = None

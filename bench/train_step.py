@@ -218,6 +218,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--remat", default="", help="a remat policy name, where this tree's Runtime has remat")
   parser.add_argument("--profile", default="", help="after timing, trace --profile-steps steps with jax.profiler "
                       "into this folder (open it with TensorBoard's or XProf's profile plugin)")
+  parser.add_argument("--resident", action="store_true", help="also time the step on a batch already on the "
+                      "devices (reported as resident_examples_per_s): what the host -> device copy costs")
   parser.add_argument("--profile-steps", type=int, default=2, help="steps traced with --profile")
   args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
 
@@ -256,6 +258,16 @@ def main(argv=None) -> dict:
 
   step_s, warm_s, cpu_s = time_rounds(step, args.warmup, args.rounds, args.steps,
                                       lambda: jax.block_until_ready((state[0], metrics[0])), timed_step=guarded_step)
+  resident_s = None
+  if args.resident:
+    # The same step on a batch already on the devices: the difference is what the host -> device copy costs.
+    resident = trainer.put_batch(batch)
+
+    def resident_step():
+      state[0], metrics[0] = trainer.step(state[0], resident)
+
+    resident_s, _, _ = time_rounds(resident_step, 1, args.rounds, args.steps,
+                                   lambda: jax.block_until_ready((state[0], metrics[0])))
   if args.profile:
     with jax.profiler.trace(args.profile):
       for _ in range(args.profile_steps):
@@ -277,6 +289,9 @@ def main(argv=None) -> dict:
       "tflop_per_step": round(count["total"] / 1e12, 4), "tflops_per_device": round(util["tflops_per_device"], 3),
       "mfu": None if util["mfu"] is None else round(util["mfu"], 4), "loss": loss,
   }
+  if resident_s is not None:
+    result["resident_examples_per_s"] = round(batch_size / resident_s, 3)
+    print(f"on a device-resident batch: {resident_s * 1e3:.1f} ms, {result['resident_examples_per_s']:.2f} examples/s")
   print(f"{args.config}: batch {batch_size}, seq {layout.seq_len}/{layout.item_len}, {shapes.images} images/step, "
         f"{rt.dtype} compute, {rt.attention} attention on {n_dev} x {kind}")
   print(f"step {step_s * 1e3:.1f} ms (median of {args.rounds} x {args.steps}), {result['examples_per_s']:.2f} "

@@ -167,16 +167,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   groups = n // kv_heads
-  q = q.reshape(b, t, kv_heads, groups, h)
-  logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  # Queries as (B, K, G, T, H): the (B, K, G, T, S) logits then come out of the batched matmul in the order
+  # the softmax and the second matmul read them. With the queries in (B, T, K, G, H) order the matmul writes
+  # (B, K, T, G, S), and XLA transposes the largest tensor of the layer (and its gradient) to reorder it.
+  q = q.reshape(b, t, kv_heads, groups, h).transpose(0, 2, 3, 1, 4)
+  logits = jnp.einsum("bkgth,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
   if softcap is not None:
     logits = softcapped(logits, softcap)
   if mask is not None:
     mask = jnp.broadcast_to(mask, (b, 1, t, mask.shape[-1]))[:, :, None]  # (B, 1, 1, T, S)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-  return out.reshape(b, t, n, h)
+  out = jnp.einsum("bkgts,bskh->bkgth", probs, v)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def softcapped(x: jax.Array, cap: float) -> jax.Array:

@@ -253,10 +253,16 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       return self.jitted_step(shardings).lower(self.abstract_state, batch)
 
+  def put_batch(self, batch: dict, shardings: dict | None = None) -> dict:
+    """This host's numpy batch as global arrays on the mesh (arrays already global pass through)."""
+    shardings = shardings or self.batch_shardings(batch)
+    return {k: v if isinstance(v, jax.Array) else jax.make_array_from_process_local_data(shardings[k], v)
+            for k, v in batch.items()}
+
   def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    """One update. `batch` is this host's numpy batch; it becomes a global array here."""
+    """One update. `batch` is this host's numpy batch (it becomes a global array here) or `put_batch`'s."""
     shardings = self.batch_shardings(batch)
-    global_batch = {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+    global_batch = self.put_batch(batch, shardings)
     self.check_batch_size(global_batch["full_ids"].shape[0])
     if self._step is None:
       self._step = self.jitted_step(shardings)
