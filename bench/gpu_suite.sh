@@ -17,6 +17,7 @@
 #              path), scanned layers, remat $PALIGEMMA_REMAT; then the PyTorch reference (which halves its batch
 #              until it fits, if it must: see its "batch")
 #   smolvlm@B, paligemma@B   the same at batch B (smolvlm's image budget scaled with it)
+#   smolvlm_loop  smolvlm with its layers unrolled (model.scan_layers=False), no PyTorch run of its own
 #   loader     bench/loader_vs_step.py: the training input pipeline alone at the smolvlm shapes
 #              ($LOADER_WORKERS worker processes), against the examples/s of this run's smolvlm step
 # PROFILE=1 also traces two steps of each model with jax.profiler ($OUT/<item>.xplane.pb, for XProf or
@@ -101,6 +102,15 @@ for item in $ITEMS; do
   case $item in
     demo)
       run demo 60 "$PY" bench/train_step.py --config configs/demo.py --batch 32 --warmup 1 --rounds 2 --steps 3 ;;
+    smolvlm_loop)
+      # The layers unrolled instead of scanned: no per-layer stacking of the activations the backward pass
+      # reads (dynamic-update-slice and copy kernels, about a fifth of the scanned step on an H200), for a
+      # longer compile. Compared with the smolvlm item's PyTorch reference (same batch).
+      run "$item" 240 "$PY" bench/train_step.py --config configs/smolvlm_256m.py --batch "$SMOLVLM_BATCH" \
+        --warmup 2 --rounds 3 --steps 5 --config.model.dtype=bfloat16 --config.model.attention=cudnn \
+        --config.model.scan_layers=False --config.data.image_budget="$SMOLVLM_BUDGET" $resident \
+        $(profile_args "$item") $EXTRA
+      keep_profile "$item" ;;
     smolvlm|smolvlm@*)
       b=$(batch_of "$item" "$SMOLVLM_BATCH")
       budget=$((SMOLVLM_BUDGET * b / SMOLVLM_BATCH))
@@ -133,7 +143,7 @@ r=[x['examples_per_s'] for x in r if x['item'].startswith('smolvlm') and 'exampl
         --step-examples-per-s "$rate" --batches 40 --config.train.batch_size="$SMOLVLM_BATCH" \
         --config.data.image_budget="$SMOLVLM_BUDGET" --config.data.num_workers="$LOADER_WORKERS" \
         --workdir "$SPECS/loader" ;;
-    *) echo "unknown item $item (demo smolvlm[@B] paligemma[@B] loader)" ;;
+    *) echo "unknown item $item (demo smolvlm[@B] smolvlm_loop paligemma[@B] loader)" ;;
   esac
 done
 
@@ -155,7 +165,7 @@ for name, r in rows.items():
           f"{r.get('loader_over_step')}x the step's {r.get('train_steps_per_s')} steps/s")
     summary[name] = r
     continue
-  theirs = rows.get(name.replace("_xla", "") + "_torch", {})
+  theirs = rows.get(name.replace("_xla", "").replace("_loop", "") + "_torch", {})
   ratio = None
   if r.get("examples_per_s") and theirs.get("torch_examples_per_s"):
     ratio = round(r["examples_per_s"] / theirs["torch_examples_per_s"], 3)

@@ -146,6 +146,9 @@ def main(argv=None) -> dict:
     batch = {k: torch.from_numpy(f[k]).to(device) for k in f.files}
   for k in ("full_ids", "item_ids", "nig_positions"):
     batch[k] = batch[k].long()
+  if "pixel_lut" in batch:  # uint8 rows (pipeline.pack_images): the processor's floats, once, on the device
+    lut, raw = batch.pop("pixel_lut"), batch["images"].long()
+    batch["images"] = lut[torch.arange(lut.shape[0], device=device)[:, None, None], raw]
   if "image_index" in batch:
     # Ours packed each distinct image once (data.image_budget); the reference takes (B, M) slots, empty ones zero.
     index, valid = batch.pop("image_index").long(), batch["image_valid"]

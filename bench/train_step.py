@@ -114,12 +114,16 @@ def synthetic_batch(layout, *, batch: int, vocab: int, image_token: int, seed: i
       out["target_slot"].append(np.int32(history))
   batch_arrays = {k: np.stack(v) for k, v in out.items() if v}
   if image_budget and slots:
+    # As pipeline.pack_images gives them: uint8 rows and the table that makes them floats on the device
+    # (here SmolVLM's and PaliGemma's processors' x / 127.5 - 1).
     valid = batch_arrays["image_valid"]
-    packed = np.zeros((image_budget,) + batch_arrays["images"].shape[2:], np.float32)
-    packed[:valid.sum()] = batch_arrays["images"][valid]
+    packed = np.zeros((image_budget,) + batch_arrays["images"].shape[2:], np.uint8)
+    packed[:valid.sum()] = rng.integers(0, 256, (int(valid.sum()),) + packed.shape[1:], dtype=np.uint8)
     index = np.zeros(valid.shape, np.int32)
     index[valid] = np.arange(valid.sum())
     batch_arrays["images"], batch_arrays["image_index"] = packed, index
+    lut = (np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
+    batch_arrays["pixel_lut"] = np.tile((lut - np.float32(0.5)) / np.float32(0.5), (3, 1))
   batch_arrays["target_item"] = rng.permutation(10 * batch)[:batch].astype(np.int32)
   return batch_arrays
 

@@ -10,7 +10,7 @@ from flax import nnx
 from pixrec_jax.data import pipeline
 from pixrec_jax.models.backbone import Backbone
 from pixrec_jax.models.config import BackboneConfig, Runtime, TextConfig, VisionConfig
-from pixrec_jax.recsys.model import HeadsConfig, PixRec
+from pixrec_jax.recsys.model import HeadsConfig, PixRec, decode_pixels
 
 
 def _batches(builder, splits, n, batch_size=8, **kw):
@@ -20,9 +20,12 @@ def _batches(builder, splits, n, batch_size=8, **kw):
 def test_packed_rows_give_every_slot_its_tile_and_nothing_else_changes(image_builder, small_splits):
   plain, packed = _batches(image_builder, small_splits, 3), _batches(image_builder, small_splits, 3, image_budget=48)
   for a, b in zip(plain, packed):
-    assert b["images"].shape[0] == 48 and set(b) == set(a) | {"image_index"}
+    assert b["images"].shape[0] == 48 and set(b) == set(a) | {"image_index", "pixel_lut"}
     valid = a["image_valid"]
-    np.testing.assert_array_equal(b["images"][b["image_index"]][valid], a["images"][valid])
+    # uint8 rows and their table: the table's floats are the plain batch's pixels bit for bit.
+    assert b["images"].dtype == np.uint8 and b["pixel_lut"].shape == (3, 256)
+    floats = np.asarray(decode_pixels(b["images"], b["pixel_lut"]))
+    np.testing.assert_array_equal(floats[b["image_index"]][valid], a["images"][valid])
     for k in a:
       if k != "images":
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

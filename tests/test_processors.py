@@ -242,11 +242,16 @@ def test_slots_are_static_and_the_layout_fits_the_largest_block(split_builder):
 def test_the_store_caches_within_its_byte_budget_and_pickles(catalogue, split_processor):
   _, paths = catalogue
   spec = images.ImageSpec.from_hf_dict(split_processor.image_processor.to_dict())
-  store = images.ImageStore(paths, spec, cache_bytes=10 * TILE * TILE * 3 * 4)  # Ten tiles.
-  first = store.get(0)  # 2 x 3 tiles + global: 7
-  assert store.get(0) is first and not first.pixels.flags.writeable
-  store.get(1)  # 3 x 1 + 1 = 4 more: the oldest entry goes.
-  assert store.get(0) is not first and store.grid(1) == (3, 1)
+  store = images.ImageStore(paths, spec, cache_bytes=10 * TILE * TILE * 3)  # Ten uint8 tiles.
+  first = store.get_raw(0)  # 2 x 3 tiles + global: 7
+  assert store.get_raw(0) is first and not first.pixels.flags.writeable and first.pixels.dtype == np.uint8
+  # get() is the processor's float32 pixels of the cached bytes, and the pixel table gives them bit for bit.
+  np.testing.assert_array_equal(store.get(0).pixels, images.load(paths[0], spec).pixels)
+  np.testing.assert_array_equal(store.get(0).pixels, images.normalize(first.pixels, spec))
+  lut = images.pixel_lut(spec)
+  np.testing.assert_array_equal(lut[np.arange(3)[:, None, None], first.pixels], store.get(0).pixels)
+  store.get_raw(1)  # 3 x 1 + 1 = 4 more: the oldest entry goes.
+  assert store.get_raw(0) is not first and store.grid(1) == (3, 1)
   copy = pickle.loads(pickle.dumps(store))  # As grain worker processes receive it.
   np.testing.assert_array_equal(copy.get(2).pixels, store.get(2).pixels)
   with pytest.raises(ValueError, match="item 3 has no image"):

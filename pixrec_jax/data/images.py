@@ -21,6 +21,12 @@ Every resize is PIL's, on 8-bit RGB, with the processor's filter. An image becom
 `Tiles`: (rows * cols + 1, 3, M, M) float32, the global image last, which is the
 order of the image blocks in the prompt (see examples.py).
 
+Step 4 is one function of each channel's 8-bit value, so `preprocess_raw` stops before
+it (uint8 tiles, a quarter of the bytes), `normalize` applies it, and `pixel_lut` is
+its table (3, 256): `pixel_lut(spec)[c, raw]` equals `normalize(raw, spec)` bit for bit.
+`ImageStore` caches uint8 tiles; packed training batches carry them with the table and
+the train step looks the floats up on the device (pipeline.pack_images).
+
 The synthetic demo is the Idefics3 path with splitting off and size.longest_edge = M:
 its square M x M images pass both resizes unchanged.
 
@@ -156,7 +162,7 @@ class ImageSpec:
 class Tiles(NamedTuple):
   """One image for the vision tower: rows x cols tiles (row by row), then the global image."""
 
-  pixels: np.ndarray  # (rows * cols + 1, 3, size, size) float32
+  pixels: np.ndarray  # (rows * cols + 1, 3, size, size): float32, or uint8 from preprocess_raw
   rows: int
   cols: int
 
@@ -257,6 +263,29 @@ def _to_rgb(image: Image.Image, spec: ImageSpec) -> Image.Image:
 
 def preprocess(image: Image.Image, spec: ImageSpec) -> Tiles:
   """An image as the spec's processor prepares it (see the module docstring)."""
+  raw = preprocess_raw(image, spec)
+  return Tiles(normalize(raw.pixels, spec), raw.rows, raw.cols)
+
+
+def normalize(raw: np.ndarray, spec: ImageSpec) -> np.ndarray:
+  """Step 4 on (..., 3, H, W) uint8 tiles: the processor's rescale and normalisation, float32."""
+  # The processor's arithmetic: rescale in float64, then float32 throughout.
+  x = (raw.astype(np.float64) * spec.rescale_factor).astype(np.float32) if spec.do_rescale else raw.astype(np.float32)
+  if spec.do_normalize:
+    mean = np.asarray(spec.mean, np.float32)[:, None, None]
+    std = np.asarray(spec.std, np.float32)[:, None, None]
+    x = (x - mean) / std
+  return np.ascontiguousarray(x)
+
+
+def pixel_lut(spec: ImageSpec) -> np.ndarray:
+  """(3, 256) float32: `normalize` of every 8-bit value in each channel."""
+  values = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None], (3, 256, 1))
+  return normalize(values, spec)[:, :, 0]
+
+
+def preprocess_raw(image: Image.Image, spec: ImageSpec) -> Tiles:
+  """`preprocess` without step 4: (rows * cols + 1, 3, M, M) uint8 tiles."""
   image = _to_rgb(image, spec)
   plan = _plan(image.height, image.width, spec)
   resample = Image.Resampling(spec.resample)
@@ -275,23 +304,22 @@ def preprocess(image: Image.Image, spec: ImageSpec) -> Tiles:
     frames.append(np.asarray(resize(image, (m, m))))
   else:
     frames = [np.asarray(resize(image, (m, m)))]
-  x = np.stack(frames).transpose(0, 3, 1, 2)
-  # The processor's arithmetic: rescale in float64, then float32 throughout.
-  x = (x.astype(np.float64) * spec.rescale_factor).astype(np.float32) if spec.do_rescale else x.astype(np.float32)
-  if spec.do_normalize:
-    mean = np.asarray(spec.mean, np.float32)[:, None, None]
-    std = np.asarray(spec.std, np.float32)[:, None, None]
-    x = (x - mean) / std
-  return Tiles(np.ascontiguousarray(x), plan.rows, plan.cols)
+  return Tiles(np.ascontiguousarray(np.stack(frames).transpose(0, 3, 1, 2)), plan.rows, plan.cols)
 
 
 def load(path: str | pathlib.Path, spec: ImageSpec) -> Tiles:
   """A file preprocessed; its EXIF orientation applied first, as transformers' load_image does."""
+  raw = load_raw(path, spec)
+  return Tiles(normalize(raw.pixels, spec), raw.rows, raw.cols)
+
+
+def load_raw(path: str | pathlib.Path, spec: ImageSpec) -> Tiles:
+  """`load` without step 4 (uint8 tiles)."""
   with Image.open(path) as image:
     if image.width * image.height > MAX_PIXELS:
       raise ValueError(f"{path}: {image.width}x{image.height} pixels exceeds the limit of {MAX_PIXELS}")
     try:
-      return preprocess(ImageOps.exif_transpose(image), spec)
+      return preprocess_raw(ImageOps.exif_transpose(image), spec)
     except ValueError as e:
       raise ValueError(f"{path}: {e}") from None
 
@@ -300,7 +328,8 @@ class ImageStore:
   """Preprocessed images by item id, kept in a per-process LRU cache of at most `cache_bytes`.
 
   Catalogue images recur in many histories; with splitting one image is up to
-  tile_budget + 1 tiles, so the cache is bounded in bytes, not in images.
+  tile_budget + 1 tiles, so the cache is bounded in bytes, not in images. It holds
+  uint8 tiles (`get_raw`), normalised on each `get`.
   """
 
   def __init__(self, paths: list[pathlib.Path | None], spec: ImageSpec, cache_bytes: int = 1 << 30):
@@ -316,13 +345,19 @@ class ImageStore:
     return self.paths[item_id] is not None
 
   def get(self, item_id: int) -> Tiles:
+    """The item's tiles as the processor gives them (float32)."""
+    raw = self.get_raw(item_id)
+    return Tiles(normalize(raw.pixels, self.spec), raw.rows, raw.cols)
+
+  def get_raw(self, item_id: int) -> Tiles:
+    """The item's uint8 tiles, before rescaling and normalisation (read-only, shared)."""
     if self.paths[item_id] is None:
       raise ValueError(f"item {item_id} has no image")
     with self._lock:
       if item_id in self._cache:
         self._cache.move_to_end(item_id)
         return self._cache[item_id]
-    tiles = load(self.paths[item_id], self.spec)
+    tiles = load_raw(self.paths[item_id], self.spec)
     tiles.pixels.setflags(write=False)  # Shared by every example that shows the item.
     with self._lock:
       self._grids[item_id] = (tiles.rows, tiles.cols)
@@ -338,7 +373,7 @@ class ImageStore:
     with self._lock:
       grid = self._grids.get(item_id)
     if grid is None:
-      tiles = self.get(item_id)
+      tiles = self.get_raw(item_id)
       grid = (tiles.rows, tiles.cols)
     return grid
 

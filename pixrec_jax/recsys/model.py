@@ -14,6 +14,8 @@ Batch layout (numpy/jax arrays, static shapes; B examples, M image slots):
   images                   (B, M, C, H, W) image tiles in token order: the history's, then the target's
                            or, packed (data.image_budget), (U, C, H, W): each distinct tile of the batch once
   image_index              (B, M)  packed only: the row of `images` each slot shows
+  pixel_lut                (3, 256) with uint8 `images` (the pipeline's packed batches): each channel's
+                           float value of every 8-bit value (data.images.pixel_lut), looked up on the device
   image_valid              (B, M)  which slots hold a tile
   target_slot              (B,)    the target image's first slot; its tiles are the valid slots from there on
   target_item              (B,)    the target's item id (for false negatives)
@@ -58,6 +60,12 @@ def pool(hidden: jax.Array, mask: jax.Array, how: str) -> jax.Array:
   return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
+def decode_pixels(raw: jax.Array, lut: jax.Array) -> jax.Array:
+  """(..., 3, H, W) uint8 -> float32 lut[channel, value]: bit for bit the processor's pixels."""
+  channel = jnp.arange(lut.shape[0]).reshape((-1, 1, 1))
+  return lut[channel, raw.astype(jnp.int32)]
+
+
 class PixRec(nnx.Module):
 
   def __init__(self, backbone: Backbone, heads: HeadsConfig, *, rngs: nnx.Rngs):
@@ -74,9 +82,15 @@ class PixRec(nnx.Module):
 
   # -- pieces ----------------------------------------------------------------
 
-  def encode_images(self, images: jax.Array, index: jax.Array | None = None) -> jax.Array:
+  def encode_images(self, images: jax.Array, index: jax.Array | None = None, lut: jax.Array | None = None
+                    ) -> jax.Array:
     """(B, M, C, H, W) -> (B, M, T, D): every image slot's language-model tokens, computed once.
-    Packed rows (U, C, H, W) with index (B, M): each row encoded once, then given to its slots."""
+    Packed rows (U, C, H, W) with index (B, M): each row encoded once, then given to its slots.
+    uint8 images with `lut` (3, 256): the pixels are lut[channel, value]."""
+    if lut is not None:
+      images = decode_pixels(images, lut)
+    elif images.dtype == jnp.uint8:
+      raise ValueError("uint8 images need their pixel_lut (data.images.pixel_lut) to become the tower's floats")
     if index is not None:
       return self.backbone.image_features(images)[index]
     b, m = images.shape[:2]
@@ -108,7 +122,8 @@ class PixRec(nnx.Module):
   # -- training ----------------------------------------------------------------
 
   def train_outputs(self, batch: dict) -> dict:
-    feats = None if self.heads.text_only else self.encode_images(batch["images"], batch.get("image_index"))
+    feats = None if self.heads.text_only else self.encode_images(batch["images"], batch.get("image_index"),
+                                                                 batch.get("pixel_lut"))
     hidden = self._hidden(batch["full_ids"], batch["full_mask"], feats, batch.get("image_valid"))
     at = jnp.take_along_axis(hidden, batch["nig_positions"][..., None], axis=1)
     nig_logits = self.backbone.logits(at)

@@ -233,7 +233,11 @@ class Trainer:
     return TrainState(step, params, state.frozen, opt_state, nonfinite, first), metrics
 
   def batch_shardings(self, batch: dict) -> dict:
-    return shd.tree_batch_shardings(batch, self.mesh)
+    """Rows over the data-parallel axes; the pixel table (not per example) on every device."""
+    shardings = shd.tree_batch_shardings(batch, self.mesh)
+    if "pixel_lut" in batch:
+      shardings["pixel_lut"] = shd.replicated(self.mesh)
+    return shardings
 
   def check_batch_size(self, batch_size: int) -> None:
     k = self.grad_accum_steps
