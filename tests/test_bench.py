@@ -50,6 +50,12 @@ def test_synthetic_batch_has_one_image_block_per_valid_slot(style, image_seq_len
   np.testing.assert_array_equal(batch["full_ids"][rows, batch["nig_positions"] + 1], batch["nig_labels"])
   assert (batch["full_mask"] == batch["user_mask"] + batch["target_mask"]).all()
   assert not batch["images"][~batch["image_valid"]].any() and batch["images"][batch["image_valid"]].std() > 0.5
+  # Packed as the pipeline packs: uint8 rows, each valid slot's own row, and the processors' pixel table.
+  packed = train_step.synthetic_batch(layout, batch=16, vocab=96, image_token=3, seed=1, image_budget=80)
+  assert packed["images"].dtype == np.uint8 and packed["images"].shape[0] == 80
+  rows = packed["image_index"][packed["image_valid"]]
+  np.testing.assert_array_equal(rows, np.arange(len(rows)))
+  np.testing.assert_allclose(packed["pixel_lut"][:, [0, 255]], [[-1, 1]] * 3)
 
 
 def test_train_step_never_waits_for_the_device():
@@ -65,7 +71,10 @@ def test_train_step_never_waits_for_the_device():
   trainer, _ = train_step.build_trainer(cfg, bcfg, text_only=True)
   state = trainer.init_state()
   state, _ = trainer.step(state, batch)  # compiles
+  resident = trainer.put_batch(batch)  # bench/train_step.py --resident: the same program, no copy
+  with jax.transfer_guard("disallow"):
+    state, _ = trainer.step(state, resident)
   with jax.transfer_guard_device_to_host("disallow"):
     for _ in range(2):
       state, metrics = trainer.step(state, batch)
-  assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
+  assert int(state.step) == 4 and np.isfinite(float(metrics["loss"]))

@@ -144,12 +144,20 @@ class _BuildTrainBatch(grain.transforms.Map):
     return batch
 
 
+def _worker_init(worker_index: int, worker_count: int) -> None:
+  """Input workers never touch an accelerator: should anything in a worker start jax, it gets the CPU, not
+  a share of the GPU or TPU the training process holds (each would try to take most of its memory)."""
+  del worker_index, worker_count
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_platforms", "cpu")
+
+
 def _multiprocess(it: grain.IterDataset, options: grain.MultiprocessingOptions) -> grain.IterDataset:
   # grain's worker start-up reads absl flags; a library caller (a notebook, a test)
   # never parsed any, so take the defaults instead of failing.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  return it.mp_prefetch(options)
+  return it.mp_prefetch(options, worker_init_fn=_worker_init)
 
 
 def split_bookkeeping(batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
