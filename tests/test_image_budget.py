@@ -1,6 +1,7 @@
 """data.image_budget: a batch carries each distinct image tile once, and the model's outputs do not change."""
 
 import itertools
+import warnings
 
 import jax
 import numpy as np
@@ -67,3 +68,19 @@ def test_train_outputs_equal_with_packed_images(image_builder, small_splits, wor
   assert b["nig_logits"].shape == a["nig_logits"].shape
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_shared_memory_estimate_and_warning(image_builder, small_splits, monkeypatch):
+  """The bytes a batch puts in shared memory are estimated within a quarter, and too little /dev/shm warns
+  with the settings to change."""
+  for budget in (0, 48):
+    batch = _batches(image_builder, small_splits, 1, image_budget=budget)[0]
+    actual = sum(v.nbytes for v in batch.values())
+    estimate = pipeline.batch_nbytes(image_builder.layout, 8, budget)
+    assert 0.75 * actual < estimate < 1.25 * actual, (budget, actual, estimate)
+  monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: type("U", (), {"free": 64 << 20})())
+  with pytest.warns(UserWarning, match=r"data.num_workers=12 .* 3,000 MiB in shared memory, but /dev/shm has 64 MiB"):
+    pipeline.check_shared_memory(3000 << 20, "data.num_workers=12 x 4 prefetched batches of 16")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    pipeline.check_shared_memory(32 << 20, "fits")

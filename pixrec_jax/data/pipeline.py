@@ -15,6 +15,8 @@ padded to full batches with a validity mask so that nothing is dropped.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import warnings
 from typing import Any, Sequence
 
 import grain
@@ -193,8 +195,37 @@ def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilde
   ds = ds.map(_BuildTrainBatch(builder, image_budget, row_offset=shard_index * image_budget))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if num_workers else 1, prefetch_buffer_size=prefetch_buffer))
   if num_workers > 0:
+    check_shared_memory(num_workers * prefetch_buffer * batch_nbytes(builder.layout, batch_size, image_budget),
+                        f"data.num_workers={num_workers} x {prefetch_buffer} prefetched batches of {batch_size}")
     it = _multiprocess(it, grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch_buffer))
   return it
+
+
+def batch_nbytes(layout, batch_size: int, image_budget: int = 0) -> int:
+  """About the bytes of one training batch of this layout: the pixels (uint8 packed rows, or float32
+  slots) and the int32 token arrays."""
+  pixels = 3 * layout.image_size**2
+  if layout.text_only:
+    images = 0
+  elif image_budget:
+    images = image_budget * pixels
+  else:
+    images = batch_size * (layout.max_history + 1) * layout.image_slots * pixels * 4
+  return images + batch_size * 4 * (4 * layout.seq_len + 2 * layout.item_len + 3 * layout.max_item_tokens)
+
+
+def check_shared_memory(nbytes: int, what: str, path: str = "/dev/shm") -> None:
+  """grain's worker processes hand batches over in POSIX shared memory; warn, naming the settings, when
+  the batches they keep in flight would not fit in what `path` has free (a container's default is often
+  64 MB), instead of letting the workers fail or stall later."""
+  try:
+    free = shutil.disk_usage(path).free
+  except OSError:
+    return
+  if nbytes > free:
+    warnings.warn(f"{what} keep about {nbytes / 2**20:,.0f} MiB in shared memory, but {path} has "
+                  f"{free / 2**20:,.0f} MiB free: lower data.num_workers (or data.image_budget, the batch size), "
+                  f"or give the machine or container more shared memory (docker run --shm-size)", stacklevel=2)
 
 
 class _BuildEvalExample(grain.transforms.MapWithIndex):
