@@ -12,23 +12,24 @@ from pixrec_jax.models.config import Runtime, VisionConfig
 
 def test_full_size_tiles_reach_attention_with_no_mask(monkeypatch):
   """cuDNN runs its unmasked kernel only when no mask is passed; an all-True mask took the masked one."""
-  cfg = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+  cfg = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
                      patch_size=4)
-  tower = siglip.VisionTransformer(cfg, Runtime(), nnx.Rngs(0))
-  masks = []
+  graphdef, state = nnx.split(siglip.VisionTransformer(cfg, Runtime(), nnx.Rngs(0)))
+  tower = jax.jit(lambda state, pixels, patch_mask: nnx.merge(graphdef, state)(pixels, patch_mask))
+  masks = []  # what each traced call hands to attention
   real = layers.attention
   monkeypatch.setattr(layers, "attention", lambda q, k, v, mask, *a, **kw: masks.append(mask) or real(q, k, v, mask,
                                                                                                           *a, **kw))
   pixels = jax.random.normal(jax.random.key(1), (3, 3, 16, 16))
-  full = tower(pixels)
-  assert len(masks) == 2 and all(m is None for m in masks)
+  full = tower(state, pixels, None)
+  assert masks == [None]
   # The same features as the masked path with every patch real (raster positions, nothing masked).
-  masked = tower(pixels, jnp.ones((3, 4, 4), bool))
+  masked = tower(state, pixels, jnp.ones((3, 4, 4), bool))
   assert masks[-1] is not None
   np.testing.assert_allclose(np.asarray(full), np.asarray(masked), rtol=1e-6, atol=1e-6)
   # A smaller image (NaViT positions) still takes the masked path.
-  tower(pixels[:, :, :8, :8])
-  assert masks[-1] is not None
+  tower(state, pixels[:, :, :8, :8], None)
+  assert len(masks) == 3 and masks[-1] is not None
 
 
 def test_xla_attention_never_transposes_its_logits():
