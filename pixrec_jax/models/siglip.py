@@ -161,15 +161,15 @@ class VisionTransformer(nnx.Module):
   def __call__(self, pixel_values: jax.Array, patch_mask: jax.Array | None = None) -> jax.Array:
     n, _, h, w = pixel_values.shape
     p = self.cfg.patch_size
+    full_size = (h, w) == (self.cfg.image_size,) * 2
     if not self.variable_size:
       if patch_mask is not None:
         raise ValueError("this vision tower (PaliGemma's SigLIP) reads full-size images only: it takes no patch mask")
-      if (h, w) != (self.cfg.image_size,) * 2:
+      if not full_size:
         raise ValueError(f"images must be {self.cfg.image_size}x{self.cfg.image_size}, got {h}x{w}")
-      return self.post_layernorm(self.encoder(self.embeddings(pixel_values, None), None))
-    if patch_mask is None and (h, w) == (self.cfg.image_size,) * 2:
-      # Every patch of a full-size grid real: raster positions (what position_ids gives for it) and no key
-      # mask, so a fused attention kernel takes its unmasked path instead of reading an all-True mask.
+    if patch_mask is None and full_size:
+      # Every patch real: raster positions (what position_ids gives for a full grid) and no key mask, so a
+      # fused attention kernel takes its unmasked path instead of reading an all-True mask.
       return self.post_layernorm(self.encoder(self.embeddings(pixel_values, None), None))
     if patch_mask is None:
       patch_mask = jnp.ones((n, h // p, w // p), dtype=bool)
