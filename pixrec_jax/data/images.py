@@ -263,8 +263,7 @@ def _to_rgb(image: Image.Image, spec: ImageSpec) -> Image.Image:
 
 def preprocess(image: Image.Image, spec: ImageSpec) -> Tiles:
   """An image as the spec's processor prepares it (see the module docstring)."""
-  raw = preprocess_raw(image, spec)
-  return Tiles(normalize(raw.pixels, spec), raw.rows, raw.cols)
+  return normalized(preprocess_raw(image, spec), spec)
 
 
 def normalize(raw: np.ndarray, spec: ImageSpec) -> np.ndarray:
@@ -276,6 +275,11 @@ def normalize(raw: np.ndarray, spec: ImageSpec) -> np.ndarray:
     std = np.asarray(spec.std, np.float32)[:, None, None]
     x = (x - mean) / std
   return np.ascontiguousarray(x)
+
+
+def normalized(raw: Tiles, spec: ImageSpec) -> Tiles:
+  """uint8 tiles (preprocess_raw, load_raw, ImageStore.get_raw) as the processor's float32 tiles."""
+  return raw._replace(pixels=normalize(raw.pixels, spec))
 
 
 def pixel_lut(spec: ImageSpec) -> np.ndarray:
@@ -309,8 +313,7 @@ def preprocess_raw(image: Image.Image, spec: ImageSpec) -> Tiles:
 
 def load(path: str | pathlib.Path, spec: ImageSpec) -> Tiles:
   """A file preprocessed; its EXIF orientation applied first, as transformers' load_image does."""
-  raw = load_raw(path, spec)
-  return Tiles(normalize(raw.pixels, spec), raw.rows, raw.cols)
+  return normalized(load_raw(path, spec), spec)
 
 
 def load_raw(path: str | pathlib.Path, spec: ImageSpec) -> Tiles:
@@ -346,8 +349,7 @@ class ImageStore:
 
   def get(self, item_id: int) -> Tiles:
     """The item's tiles as the processor gives them (float32)."""
-    raw = self.get_raw(item_id)
-    return Tiles(normalize(raw.pixels, self.spec), raw.rows, raw.cols)
+    return normalized(self.get_raw(item_id), self.spec)
 
   def get_raw(self, item_id: int) -> Tiles:
     """The item's uint8 tiles, before rescaling and normalisation (read-only, shared)."""
