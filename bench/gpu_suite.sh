@@ -95,6 +95,17 @@ run() {
   return $rc
 }
 
+# smolvlm_step NAME TIMEOUT ATTENTION [ARGS...]: bench/train_step.py on configs/smolvlm_256m.py at batch $b
+# with $budget packed image rows, bf16
+smolvlm_step() {
+  local name=$1 limit=$2 attention=$3
+  shift 3
+  run "$name" "$limit" "$PY" bench/train_step.py --config configs/smolvlm_256m.py --batch "$b" \
+    --warmup 2 --rounds 3 --steps 5 --spec-out "$SPECS/$name" --config.model.dtype=bfloat16 \
+    --config.model.attention="$attention" --config.data.image_budget="$budget" $resident \
+    $(profile_args "$name") "$@" $EXTRA
+}
+
 for item in $ITEMS; do
   batch_of() { case $1 in *@*) echo "${1#*@}" ;; *) echo "$2" ;; esac; }
   resident=""
@@ -106,25 +117,18 @@ for item in $ITEMS; do
       # The layers unrolled instead of scanned: no per-layer stacking of the activations the backward pass
       # reads (dynamic-update-slice and copy kernels, about a fifth of the scanned step on an H200), for a
       # longer compile. Compared with the smolvlm item's PyTorch reference (same batch).
-      run "$item" 240 "$PY" bench/train_step.py --config configs/smolvlm_256m.py --batch "$SMOLVLM_BATCH" \
-        --warmup 2 --rounds 3 --steps 5 --config.model.dtype=bfloat16 --config.model.attention=cudnn \
-        --config.model.scan_layers=False --config.data.image_budget="$SMOLVLM_BUDGET" $resident \
-        $(profile_args "$item") $EXTRA
+      b=$SMOLVLM_BATCH budget=$SMOLVLM_BUDGET
+      smolvlm_step "$item" 240 cudnn --config.model.scan_layers=False
       keep_profile "$item" ;;
     smolvlm|smolvlm@*)
       b=$(batch_of "$item" "$SMOLVLM_BATCH")
       budget=$((SMOLVLM_BUDGET * b / SMOLVLM_BATCH))
-      smolvlm() {
-        run "$1" "$2" "$PY" bench/train_step.py --config configs/smolvlm_256m.py --batch "$b" \
-          --warmup 2 --rounds 3 --steps 5 --spec-out "$SPECS/$1" --config.model.dtype=bfloat16 \
-          --config.model.attention="$3" --scan-layers --config.data.image_budget="$budget" $resident \
-          $(profile_args "$1") $4 $EXTRA
-      }
-      smolvlm "$item" 150 cudnn ""
+      smolvlm_step "$item" 150 cudnn --scan-layers
       rc=$?
       keep_profile "$item"
       # XLA's attention keeps (images x heads x 1024 x 1024) float32 probabilities per vision layer: recompute them.
-      [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ] && smolvlm "${item/smolvlm/smolvlm_xla}" 120 xla --remat=minimal
+      [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ] && \
+        smolvlm_step "${item/smolvlm/smolvlm_xla}" 120 xla --scan-layers --remat=minimal
       [ "$TORCH" = 1 ] && [ -f "$SPECS/$item/spec.json" ] && \
         run "${item}_torch" 90 "$PY" bench/torch_reference.py --spec "$SPECS/$item" ;;
     paligemma|paligemma@*)
