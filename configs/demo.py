@@ -45,6 +45,7 @@ def get_config(arg=None):
   c.model.attention = "xla"
   c.model.scan_layers = False  # True: one jax.lax.scan over stacked layers (compiles one layer; checkpoints load either way)
   c.model.remat = "none"  # rematerialisation policy per layer: none, full, dots, minimal (models/scan.py)
+  c.model.causal_blocks = 4  # XLA decoder attention in 4 query blocks that skip the causal mask's zeros (1: off)
 
   c.pixrec = ml_collections.ConfigDict()
   c.pixrec.text_only = "text_only" in options

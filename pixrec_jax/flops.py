@@ -8,8 +8,9 @@ matrices are left out. Per step:
   decoder on the full prompt (B, seq_len) and on the item read alone (B, item_len),
   LM head at the K next-item positions only (B, K),
   user_proj once and item_proj twice on pooled (B, D) vectors.
-Attention scores and values are counted over every (query, key) pair, as the
-dense XLA attention computes them (no halving for the causal mask).
+Attention scores and values are counted over every (query, key) pair, as
+PaLM's MFU does (no halving for the causal mask, whose zeros XLA attention in
+causal blocks partly skips; see layers.attention).
 
 Backward, by the usual rule: a weight matmul costs its forward again for the
 weight gradient when that weight trains, and again for the input gradient when

@@ -47,3 +47,83 @@ def test_xla_attention_never_transposes_its_logits():
   big = [e for e in jaxpr.eqns if e.primitive.name == "transpose" and t * s in
          [int(np.prod(x.aval.shape[-2:])) for x in e.invars]]
   assert not big, [str(e) for e in big]
+
+
+def _causal_inputs(b=2, t=37, n=4, kv=2, h=8):
+  q = jax.random.normal(jax.random.key(0), (b, t, n, h))
+  k = jax.random.normal(jax.random.key(1), (b, t, kv, h))
+  v = jax.random.normal(jax.random.key(2), (b, t, kv, h))
+  valid = jnp.arange(t)[None, :] < jnp.asarray([t, t - 9])[:, None]  # the second example's last 9 keys padded
+  mask = jnp.tril(jnp.ones((t, t), bool))[None, None] & valid[:, None, None, :]
+  return q, k, v, mask
+
+
+def test_causal_blocks_give_the_same_attention_and_gradients():
+  q, k, v, mask = _causal_inputs()
+
+  def loss(q, k, v, blocks):
+    out = layers.attention(q, k, v, mask, 0.3, softcap=5.0, causal_blocks=blocks)
+    return jnp.sum(out * jnp.cos(out)), out
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+  (_, ref), ref_grads = grad(q, k, v, 1)
+  for blocks in (2, 5):
+    (_, got), grads = grad(q, k, v, blocks)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
+  # A mask broadcast over the batch slices the same way.
+  causal = jnp.tril(jnp.ones((37, 37), bool))[None, None]
+  blocked = jax.jit(lambda q, k, v: layers.attention(q, k, v, causal, 0.3, causal_blocks=4))(q, k, v)
+  np.testing.assert_allclose(np.asarray(blocked), np.asarray(jax.jit(layers.attention, static_argnums=4)(
+      q, k, v, causal, 0.3)), rtol=1e-5, atol=1e-6)
+
+
+def test_causal_blocks_skip_the_masked_logits():
+  """4 blocks compute about 5/8 of the (T, S) logits square, forward and backward."""
+  q, k, v, mask = _causal_inputs(t=512)
+
+  def logits_elements(blocks):
+    grad = jax.grad(lambda q: jnp.sum(layers.attention(q, k, v, mask, 0.3, causal_blocks=blocks)))
+    jaxpr = jax.make_jaxpr(grad)(q)
+    return sum(int(np.prod(e.outvars[0].aval.shape)) for e in jaxpr.eqns
+               if e.primitive.name == "dot_general" and len(e.outvars[0].aval.shape) == 5
+               and e.outvars[0].aval.shape[-1] != q.shape[-1])
+
+  assert layers.causal_block_edges(512, 4) == [128, 256, 384, 512]
+  assert logits_elements(4) == logits_elements(1) * 10 // 16
+
+
+def test_decoders_block_only_causal_attention(monkeypatch):
+  """Llama and Gemma2 hand their causal blocks to attention, not with a bidirectional prefix or a cache,
+  and the hidden states do not change."""
+  from pixrec_jax.models import gemma2, llama  # pylint: disable=import-outside-toplevel
+  from pixrec_jax.models.config import TextConfig  # pylint: disable=import-outside-toplevel
+  seen = []
+  real = layers.attention
+  monkeypatch.setattr(layers, "attention", lambda *a, **kw: seen.append(a[7] if len(a) > 7 else 1) or real(*a, **kw))
+  kw = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8)
+  forward = nnx.jit(lambda model, x, mask, **kw: model(x, mask, **kw))
+  x = jax.random.normal(jax.random.key(0), (2, 20, 32))
+  mask = jnp.ones((2, 20), jnp.int32).at[1, 15:].set(0)
+  for cls, cfg in ((llama.LlamaModel, TextConfig(**kw)),
+                   (gemma2.Gemma2Model, TextConfig(**kw, model_type="gemma2", attn_logit_softcapping=50.0,
+                                                   final_logit_softcapping=30.0, sliding_window=8,
+                                                   query_pre_attn_scalar=8, hidden_act="gelu_pytorch_tanh"))):
+    for scan_layers in (False, True):
+      plain = cls(cfg, Runtime(scan_layers=scan_layers), nnx.Rngs(0))
+      blocked = cls(cfg, Runtime(scan_layers=scan_layers, causal_blocks=4), nnx.Rngs(0))
+      seen.clear()
+      want = forward(plain, x, mask)
+      got = forward(blocked, x, mask)
+      assert seen == [1] * len(seen[:len(seen) // 2]) + [4] * (len(seen) // 2), seen
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    if cls is gemma2.Gemma2Model:  # PaliGemma's bidirectional prefix: never blocked
+      seen.clear()
+      forward(blocked, x, mask, token_type_ids=jnp.zeros((2, 20), jnp.int32).at[:, 10:].set(1))
+      assert seen and set(seen) == {1}, seen
+  seen.clear()
+  cache = blocked.init_cache(2, 24)
+  forward(blocked, x, jnp.ones((2, 24), jnp.int32), cache=cache)
+  assert seen and set(seen) == {1}, seen

@@ -60,9 +60,12 @@ class Runtime:
   attention: str = "xla"  # "xla" (einsum, float32 softmax) or "cudnn" (fused GPU kernel)
   scan_layers: bool = False  # one jax.lax.scan over stacked layers: one layer to compile, not all
   remat: str = "none"  # a pixrec_jax.models.scan.REMAT_POLICIES name: what a layer saves for the backward pass
+  causal_blocks: int = 1  # causal decoders: XLA attention in this many query blocks, skipping masked keys
 
   def __post_init__(self):
     scan.remat_policy(self.remat)  # an unknown name fails here, listing the valid ones
+    if not isinstance(self.causal_blocks, int) or self.causal_blocks < 1:
+      raise ValueError(f"causal_blocks must be a positive integer (1: no blocking), got {self.causal_blocks!r}")
 
   @property
   def compute_dtype(self):

@@ -37,9 +37,9 @@ class DecoderLayer(nnx.Module):
     self.post_feedforward_layernorm = layers.GemmaRMSNorm(d, eps, **norm)
 
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, inv_freq: jax.Array, cache=None,
-               cache_index: jax.Array | int = 0):
+               cache_index: jax.Array | int = 0, causal: bool = False):
     """Returns x, or (x, cache) when given a cache (see `llama.Attention`)."""
-    attn = self.self_attn(self.input_layernorm(x), mask, positions, inv_freq, cache, cache_index)
+    attn = self.self_attn(self.input_layernorm(x), mask, positions, inv_freq, cache, cache_index, causal)
     if cache is not None:
       attn, cache = attn
     x = x + self.post_attention_layernorm(attn)
@@ -112,14 +112,16 @@ class Gemma2Model(nnx.Module):
       x, cache = run_cached(self.layers, self.scan_layers, x, cache, call, xs)
       return self.norm(x), cache
     masks = attention_masks(attention_mask, token_type_ids, b, t, self.cfg.sliding_window)
+    causal = token_type_ids is None  # a bidirectional prefix lets queries see later keys
     if self.scan_layers:
       # One traced layer serves both kinds: each layer's flag picks its mask.
       sliding = jnp.asarray([kind == "sliding_attention" for kind in self.cfg.attention_types])
       full, window = masks["full_attention"], masks.get("sliding_attention", masks["full_attention"])
-      call = lambda layer, x, is_sliding: layer(x, jnp.where(is_sliding, window, full), position_ids, inv_freq)
+      call = lambda layer, x, is_sliding: layer(x, jnp.where(is_sliding, window, full), position_ids, inv_freq,
+                                                causal=causal)
       x = scan.scan(self.layers, x, call, xs=sliding, remat_name=self.remat)
     else:
-      call = scan.remat(lambda layer, x, mask: layer(x, mask, position_ids, inv_freq), self.remat)
+      call = scan.remat(lambda layer, x, mask: layer(x, mask, position_ids, inv_freq, causal=causal), self.remat)
       for layer, kind in zip(self.layers, self.cfg.attention_types):
         x = call(layer, x, masks[kind])
     return self.norm(x)

@@ -141,8 +141,19 @@ class LayerNorm(nnx.Module):
     return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
 
 
+def causal_block_edges(length: int, blocks: int) -> list[int]:
+  """Where `attention` splits `length` causal queries into about `blocks` blocks: the end of each.
+
+  Ends fall on multiples of 64 when the blocks are long enough (whole GPU matmul tiles); the
+  last block ends at `length`.
+  """
+  align = 64 if length >= 64 * blocks else 1
+  ends = {min(length, -(-(length * i // blocks) // align) * align) for i in range(1, blocks + 1)}
+  return sorted(e for e in ends if e > 0)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
-              implementation: str = "xla", softcap: float | None = None) -> jax.Array:
+              implementation: str = "xla", softcap: float | None = None, causal_blocks: int = 1) -> jax.Array:
   """Grouped-query attention.
 
   q: (B, T, N, H); k, v: (B, S, K, H) with N a multiple of K; mask: boolean,
@@ -154,7 +165,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
 
   implementation "xla" is this einsum form; "cudnn" hands the same computation
   to `jax.nn.dot_product_attention` (fused kernels on GPU, half precision only).
+
+  causal_blocks > 1 is the caller's promise that the mask is causal (query i sees
+  no key after position i; T == S): XLA attention then takes the queries in that
+  many blocks, each against the keys up to its own end only. The skipped logits are
+  ones the mask zeroes, so the result is the same; the work is about (n + 1) / 2n
+  of the full square (0.625 for 4 blocks), and so is the memory traffic of XLA's
+  unfused softmax (PaliGemma 2 3B on an H200: 12.56 -> 13.16 examples/s). cuDNN's
+  fused kernel runs the full square faster than blocks of it (SmolVLM: 97.3 vs
+  92.3 examples/s), so it ignores causal_blocks.
   """
+  t, s = q.shape[1], k.shape[1]
+  if causal_blocks > 1 and implementation == "xla" and t == s and t > 1:
+    outs, start = [], 0
+    for end in causal_block_edges(t, causal_blocks):
+      block_mask = None
+      if mask is not None:  # (.., T or 1, S): this block's query rows (when it has rows) and keys up to `end`
+        block_mask = mask[..., start:end, :end] if mask.shape[-2] != 1 else mask[..., :end]
+      outs.append(_attention(q[:, start:end], k[:, :end], v[:, :end], block_mask, scale, implementation, softcap))
+      start = end
+    return jnp.concatenate(outs, axis=1)
+  return _attention(q, k, v, mask, scale, implementation, softcap)
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
+               implementation: str, softcap: float | None) -> jax.Array:
   if implementation == "cudnn":
     if softcap is not None:
       raise ValueError("attention='cudnn' has no logit soft-capping, which this model (Gemma2) needs; "

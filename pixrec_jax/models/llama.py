@@ -22,6 +22,7 @@ class Attention(nnx.Module):
     self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim)**-0.5
     self.softcap = cfg.attn_logit_softcapping
     self.implementation = rt.attention
+    self.causal_blocks = rt.causal_blocks
     kw = dict(use_bias=cfg.attention_bias, dtype=rt.compute_dtype, param_dtype=rt.params_dtype, rngs=rngs)
     d, h = cfg.hidden_size, cfg.head_dim
     self.q_proj = layers.Linear(d, self.num_heads * h, axes=("embed", "heads"), **kw)
@@ -30,9 +31,11 @@ class Attention(nnx.Module):
     self.o_proj = layers.Linear(self.num_heads * h, d, axes=("heads", "embed"), **kw)
 
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-               cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | int = 0):
+               cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | int = 0,
+               causal: bool = False):
     """With `cache` (keys, values: (B, S, K, H)), x's keys and values are written at slot
-    cache_index, the queries attend over all S slots (as `mask` allows), and (out, cache) is returned."""
+    cache_index, the queries attend over all S slots (as `mask` allows), and (out, cache) is returned.
+    `causal`: the caller's word that `mask` is causal, which lets attention skip masked key blocks."""
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -42,7 +45,9 @@ class Attention(nnx.Module):
     if cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
-    out = self.o_proj(layers.attention(q, k, v, mask, self.scale, self.implementation, self.softcap).reshape(b, t, -1))
+    blocks = self.causal_blocks if causal and cache is None else 1
+    out = layers.attention(q, k, v, mask, self.scale, self.implementation, self.softcap, blocks)
+    out = self.o_proj(out.reshape(b, t, -1))
     return out if cache is None else (out, (k, v))
 
 
@@ -69,9 +74,9 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, rt, rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, inv_freq: jax.Array, cache=None,
-               cache_index: jax.Array | int = 0):
+               cache_index: jax.Array | int = 0, causal: bool = False):
     """Returns x, or (x, cache) when given a cache (see `Attention`)."""
-    attn = self.self_attn(self.input_layernorm(x), mask, positions, inv_freq, cache, cache_index)
+    attn = self.self_attn(self.input_layernorm(x), mask, positions, inv_freq, cache, cache_index, causal)
     if cache is not None:
       attn, cache = attn
     x = x + attn
@@ -163,7 +168,7 @@ class LlamaModel(nnx.Module):
       x, cache = run_cached(self.layers, self.scan_layers, x, cache, call)
       return self.norm(x), cache
     mask = causal_mask(attention_mask, b, t)
-    call = lambda layer, x, _: layer(x, mask, position_ids, inv_freq)
+    call = lambda layer, x, _: layer(x, mask, position_ids, inv_freq, causal=True)
     if self.scan_layers:
       x = scan.scan(self.layers, x, call, remat_name=self.remat)
     else:

@@ -167,6 +167,7 @@ def model_section(name: str) -> ml_collections.ConfigDict:
   section.dtype = "bfloat16"  # compute; parameters stay float32
   section.param_dtype = "float32"
   section.attention = "xla"
+  section.causal_blocks = 4  # see configs/demo.py
   return section
 
 
