@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from PIL import Image
 
 import pixrec_jax
@@ -51,9 +52,12 @@ def _logits(hf_model, ours, ids, pixels):
   prefix)."""
   with torch.no_grad():
     want = hf_model(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(pixels)).logits[0].numpy()
-  got = ours(input_ids=np.asarray([ids]), attention_mask=np.ones((1, len(ids)), np.int32),
-             pixel_values=pixels[None]).logits[0]
+  got = _forward(ours, np.asarray([ids]), np.ones((1, len(ids)), np.int32), pixels[None])[0]
   return np.asarray(got), want
+
+
+_forward = nnx.jit(lambda model, ids, mask, pixels: model(input_ids=ids, attention_mask=mask,
+                                                          pixel_values=pixels).logits)
 
 
 def test_inputs_and_logits_equal_the_hf_processor_and_model(tmp_path, folders):

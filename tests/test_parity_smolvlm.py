@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from tests import hf_fixtures as fx
 
@@ -19,9 +20,14 @@ def _hf_outputs(model, batch):
   return logits, hidden
 
 
-def _ours(model, batch):
+@nnx.jit  # one program per case (op by op, the passes took most of this file's time)
+def _forward(model, batch):
   out = model(**batch)
-  return np.asarray(out.logits), np.asarray(out.last_hidden_state)
+  return out.logits, out.last_hidden_state
+
+
+def _ours(model, batch):
+  return tuple(map(np.asarray, _forward(model, batch)))
 
 
 def _assert_close(hf, ours, mask, what):

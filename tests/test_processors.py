@@ -277,8 +277,10 @@ def test_item_pass_reuses_the_targets_tiles(split_builder, tokenizer):
   batch = {k: np.stack([ex[k] for ex in train]) for k in train[0]}
   items = [builder.item_example(t) for _, t in cases]
   alone = {k: np.stack([ex[k] for ex in items]) for k in items[0]}
-  got = model.train_outputs(batch)["item"]
-  want = model.item_embedding(alone["item_ids"], alone["item_mask"], alone["item_images"], alone["item_image_valid"])
+  # Jitted: op-by-op, the two passes took most of a minute on a CPU.
+  got = nnx.jit(lambda model, batch: model.train_outputs(batch)["item"])(model, batch)
+  want = nnx.jit(lambda model, b: model.item_embedding(b["item_ids"], b["item_mask"], b["item_images"],
+                                                      b["item_image_valid"]))(model, alone)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 

@@ -81,9 +81,24 @@ def _tiny_cfg(*options, steps=6):
   return cfg
 
 
+@pytest.fixture(scope="module")
+def main_runs(tmp_path_factory):
+  """main_runs(options) -> (workdir, result): the main job on the tiny config, run once per option set and
+  shared by the tests that read it."""
+  done = {}
+
+  def get(options):
+    if options not in done:
+      workdir = tmp_path_factory.mktemp("main")
+      done[options] = workdir, train_and_evaluate(_tiny_cfg(*options), workdir)
+    return done[options]
+
+  return get
+
+
 @pytest.mark.parametrize("options", [(), ("text_only",)])
-def test_main_job_writes_metrics_for_both_splits(tmp_path, options):
-  out = train_and_evaluate(_tiny_cfg(*options), tmp_path)
+def test_main_job_writes_metrics_for_both_splits(main_runs, options):
+  tmp_path, out = main_runs(options)
   written = json.loads((tmp_path / "metrics.json").read_text())
   keys = {"recall@1", "recall@5", "recall@10", "recall@20", "ndcg@10", "ndcg@20", "mrr"}
   for split in ("valid", "test"):
@@ -98,9 +113,9 @@ def test_main_job_writes_metrics_for_both_splits(tmp_path, options):
   assert all(np.isfinite(r["loss"]) for r in log)
 
 
-def test_two_runs_with_one_seed_give_identical_metrics(tmp_path):
-  a = train_and_evaluate(_tiny_cfg(steps=3), tmp_path / "a")
-  b = train_and_evaluate(_tiny_cfg(steps=3), tmp_path / "b")
+def test_two_runs_with_one_seed_give_identical_metrics(main_runs, tmp_path):
+  _, a = main_runs(())
+  b = train_and_evaluate(_tiny_cfg(), tmp_path)
   assert a["test"] == b["test"] and a["valid"] == b["valid"]
   assert a["report"]["final_train_metrics"] == b["report"]["final_train_metrics"]
 
