@@ -14,8 +14,9 @@
 #              remat if the cuDNN run fails), scanned layers, data.image_budget=80 (padding slots skipped);
 #              then bench/torch_reference.py on the same batch and settings
 #   paligemma  configs/paligemma2_3b_224.py: bf16, XLA attention (Gemma2's logit soft-capping has no cuDNN
-#              path), scanned layers, remat $PALIGEMMA_REMAT; then the PyTorch reference (which halves its batch
-#              until it fits, if it must: see its "batch")
+#              path) in the config's 4 causal query blocks (EXTRA="--config.model.causal_blocks=1": the full
+#              square), scanned layers, remat $PALIGEMMA_REMAT; then the PyTorch reference (which halves its
+#              batch until it fits, if it must: see its "batch")
 #   smolvlm@B, paligemma@B   the same at batch B (smolvlm's image budget scaled with it)
 #   smolvlm_loop  smolvlm with its layers unrolled (model.scan_layers=False), no PyTorch run of its own
 #   loader     bench/loader_vs_step.py: the training input pipeline alone at the smolvlm shapes
