@@ -67,6 +67,12 @@ class Runtime:
     if not isinstance(self.causal_blocks, int) or self.causal_blocks < 1:
       raise ValueError(f"causal_blocks must be a positive integer (1: no blocking), got {self.causal_blocks!r}")
 
+  @classmethod
+  def from_config(cls, model) -> Runtime:
+    """The Runtime a config's `model` section sets: each field it has (dtype, attention, remat, ...),
+    the default for each it lacks (configs written before a field existed)."""
+    return cls(**{f.name: model[f.name] for f in dataclasses.fields(cls) if f.name in model})
+
   @property
   def compute_dtype(self):
     return dtype_from_name(self.dtype)

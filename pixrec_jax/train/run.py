@@ -170,9 +170,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
   steps = cfg.train.steps
   if cfg.train.epochs > 0:
     steps = int(math.ceil(cfg.train.epochs * len(splits.train) / batch_size))
-  rt = Runtime(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, attention=cfg.model.attention,
-               scan_layers=bool(cfg.model.get("scan_layers", False)), remat=cfg.model.get("remat", "none"),
-               causal_blocks=int(cfg.model.get("causal_blocks", 1)))
+  rt = Runtime.from_config(cfg.model)
   heads = HeadsConfig(proj_dim=cfg.pixrec.proj_dim, pooling=cfg.pixrec.pooling, text_only=text_only)
   weights = LossWeights(alpha=cfg.pixrec.alpha, beta=cfg.pixrec.beta, temperature=cfg.pixrec.temperature)
   adapters = lora.LoRAConfig.from_config(cfg.get("lora"))
