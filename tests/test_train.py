@@ -98,8 +98,8 @@ def main_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("options", [(), ("text_only",)])
 def test_main_job_writes_metrics_for_both_splits(main_runs, options):
-  tmp_path, out = main_runs(options)
-  written = json.loads((tmp_path / "metrics.json").read_text())
+  workdir, out = main_runs(options)
+  written = json.loads((workdir / "metrics.json").read_text())
   keys = {"recall@1", "recall@5", "recall@10", "recall@20", "ndcg@10", "ndcg@20", "mrr"}
   for split in ("valid", "test"):
     assert set(written[split]) == keys
@@ -108,7 +108,7 @@ def test_main_job_writes_metrics_for_both_splits(main_runs, options):
     assert written["report"]["splits"][split]["users"] == 60
     assert written["report"]["splits"][split]["mask_history"] is True
   assert written["report"]["text_only"] == bool(options)
-  log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+  log = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
   assert [r["step"] for r in log] == [3, 6]
   assert all(np.isfinite(r["loss"]) for r in log)
 
