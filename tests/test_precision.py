@@ -66,6 +66,24 @@ def test_bfloat16_compute_keeps_softmax_norms_and_logits_in_float32(family, para
   assert err < 0.05, f"bfloat16 logits differ from float32 by {err:.3f} of their range"
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_training_gradient_has_no_float32_matmul(family):
+  """Every matmul of the bfloat16 backward pass reads bfloat16 (the float32 attention and output
+  logits' cotangents are rounded first): a float32 x bfloat16 matmul runs in float32 on XLA."""
+  cfg = BackboneConfig.from_hf_dict(FAMILIES[family]().to_dict())
+  ids = jnp.asarray(np.random.default_rng(0).integers(1, 90, (2, 10)), jnp.int32)
+  model = Backbone(cfg, Runtime(dtype="bfloat16", param_dtype="float32", scan_layers=True), rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  loss = lambda s: jnp.mean(jax.nn.log_softmax(_forward(nnx.merge(graphdef, s), ids))[..., 0])
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+  matmuls = [e for e in _equations(jaxpr) if e.primitive.name == "dot_general"]
+  operand_dtypes = [tuple(str(v.aval.dtype) for v in e.invars) for e in matmuls]
+  assert len(matmuls) > 10 and set(operand_dtypes) == {("bfloat16", "bfloat16")}, sorted(set(operand_dtypes))
+  grads = jax.jit(jax.grad(loss))(params)
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
 def test_losses_are_float32_from_bfloat16_outputs():
   rng = np.random.default_rng(0)
   f32 = {"nig_logits": rng.normal(size=(4, 3, 50)), "user": rng.normal(size=(4, 16)),

@@ -172,7 +172,7 @@ class Backbone(nnx.Module):
     else:
       kernel = self.lm_head.kernel[...]
       dtype = self.runtime.compute_dtype
-      out = jnp.einsum("...d,dv->...v", hidden.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+      out = layers.einsum_f32("...d,dv->...v", hidden.astype(dtype), kernel.astype(dtype))
     cap = self.cfg.text.final_logit_softcapping
     return out if cap is None else layers.softcapped(out, cap)
 

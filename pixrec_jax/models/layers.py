@@ -8,6 +8,7 @@ norms, softmax and logits run in float32 whatever the compute dtype.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -32,6 +33,34 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return _ACTIVATIONS[name]
   except KeyError:
     raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}") from None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`jnp.einsum(spec, a, b)` accumulated and returned in float32, differentiated in the inputs' dtype.
+
+  The forward matmul reads half-precision inputs and writes float32 (logits that feed a
+  float32 softmax or loss). Differentiating `preferred_element_type=float32` directly would
+  make both backward matmuls mixed float32 x bfloat16, which XLA runs as float32 matmuls
+  (the bfloat16 operand upcast; on GPU at TF32 speed at best). Here the float32 cotangent
+  is rounded to the inputs' dtype first, as flash-attention kernels round dS before their
+  dQ and dK matmuls and as a bfloat16 PyTorch model's logits carry bfloat16 gradients;
+  float32 inputs give exactly the plain einsum's gradients.
+  """
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_fwd(spec, a, b):
+  return einsum_f32(spec, a, b), (a, b)
+
+
+def _einsum_f32_bwd(spec, residuals, g):
+  a, b = residuals
+  _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.result_type(a, b)), a, b)
+  return vjp(g.astype(jnp.result_type(a, b)))
+
+
+einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
 
 
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
@@ -92,8 +121,7 @@ class Embed(nnx.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Logits against the table, accumulated in float32."""
-    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    return einsum_f32("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
 
 
 class RMSNorm(nnx.Module):
@@ -206,7 +234,7 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
   # the softmax and the second matmul read them. With the queries in (B, T, K, G, H) order the matmul writes
   # (B, K, T, G, S), and XLA transposes the largest tensor of the layer (and its gradient) to reorder it.
   q = q.reshape(b, t, kv_heads, groups, h).transpose(0, 2, 3, 1, 4)
-  logits = jnp.einsum("bkgth,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  logits = einsum_f32("bkgth,bskh->bkgts", q, k) * scale
   if softcap is not None:
     logits = softcapped(logits, softcap)
   if mask is not None:
