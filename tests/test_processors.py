@@ -310,6 +310,25 @@ def test_settings_load_from_a_saved_processor(tmp_path, split_processor, catalog
     processors.image_spec_for(tmp_path, tile_size=TILE, image_seq_len=16)
 
 
+def test_the_generic_fast_tokenizer_loads_like_autotokenizer_and_model_tokenizers_still_go_through_it(tmp_path):
+  import transformers  # pylint: disable=import-outside-toplevel
+  from pixrec_jax.data import tokenizer as word_tokenizer  # pylint: disable=import-outside-toplevel
+  texts = ["Blue ceramic mug", "Red wool scarf, large", "Mug (blue)"]
+  plain = word_tokenizer.build_word_tokenizer(texts, tmp_path / "plain")
+  assert json.loads((plain / "tokenizer_config.json").read_text())["tokenizer_class"] in processors._PLAIN_FAST_TOKENIZERS
+  gemma = tmp_path / "gemma"
+  pf.gemma_tokenizer(texts).save_pretrained(gemma)
+  for path in (plain, gemma):
+    ours, auto = processors.load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(str(path))
+    assert type(ours) is type(auto)
+    assert [ours(t)["input_ids"] for t in texts] == [auto(t)["input_ids"] for t in texts]
+    assert ours.pad_token_id == auto.pad_token_id and len(ours) == len(auto)
+  assert type(processors.load_tokenizer(gemma)).__name__ != type(processors.load_tokenizer(plain)).__name__
+  (plain / "tokenizer_config.json").write_text("[1, 2]")
+  with pytest.raises(ValueError, match="tokenizer_config.json: not a JSON object"):
+    processors.load_tokenizer(plain)
+
+
 def test_missing_tokenizer_or_processor_is_named(tmp_path, tokenizer):
   with pytest.raises(FileNotFoundError, match="is not a directory"):
     processors.load_tokenizer(tmp_path / "absent")
