@@ -102,7 +102,7 @@ def run(bcfg: BackboneConfig, batch_list: list[dict], mesh_name: str, scanned: b
 
 def main(workdir):
   ds = synthetic.generate(os.path.join(workdir, "data"), synthetic.SyntheticOptions(num_users=24))
-  tok = transformers.AutoTokenizer.from_pretrained(str(ds.tokenizer_path))
+  tok = processors.load_tokenizer(ds.tokenizer_path)
   splits = catalog.leave_one_out(ds)
   out = {}
   for family, bcfg in backbone_configs(tok).items():
