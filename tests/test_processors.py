@@ -10,10 +10,12 @@ import pickle
 
 import numpy as np
 import pytest
+import transformers
 from flax import nnx
 from PIL import Image
 
 from pixrec_jax.data import examples, images, processors, prompts
+from pixrec_jax.data import tokenizer as word_tokenizer
 from pixrec_jax.models.backbone import Backbone
 from pixrec_jax.models.config import BackboneConfig, TextConfig, VisionConfig
 from pixrec_jax.recsys.model import HeadsConfig, PixRec
@@ -311,8 +313,6 @@ def test_settings_load_from_a_saved_processor(tmp_path, split_processor, catalog
 
 
 def test_the_generic_fast_tokenizer_loads_like_autotokenizer_and_model_tokenizers_still_go_through_it(tmp_path):
-  import transformers  # pylint: disable=import-outside-toplevel
-  from pixrec_jax.data import tokenizer as word_tokenizer  # pylint: disable=import-outside-toplevel
   texts = ["Blue ceramic mug", "Red wool scarf, large", "Mug (blue)"]
   plain = word_tokenizer.build_word_tokenizer(texts, tmp_path / "plain")
   assert json.loads((plain / "tokenizer_config.json").read_text())["tokenizer_class"] in processors._PLAIN_FAST_TOKENIZERS

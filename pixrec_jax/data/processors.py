@@ -1,6 +1,7 @@
 """The tokenizer and image processing of a local Hugging Face checkpoint directory.
 
-The tokenizer loads with AutoTokenizer (the generic fast tokenizer directly), the image settings with AutoProcessor
+The tokenizer loads with AutoTokenizer (a generic fast tokenizer with its own class,
+which is what AutoTokenizer would return), the image settings with AutoProcessor
 (its image processor's settings and the processor's image tokens per tile), both
 without trust_remote_code: only code shipped with transformers runs. Two processor
 families are read:
@@ -44,7 +45,7 @@ _PLAIN_FAST_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def load_tokenizer(path: str | os.PathLike):
-  """AutoTokenizer from a local directory, or an error that names what is missing."""
+  """The tokenizer AutoTokenizer gives for a local directory, or an error that names what is missing."""
   path = _directory(path)
   if not any((path / name).is_file() for name in TOKENIZER_FILES):
     raise FileNotFoundError(f"{path} has no tokenizer (none of {list(TOKENIZER_FILES)}); save one there with "
