@@ -1,0 +1,137 @@
+"""The decoder's pieces, ours (JAX) against PyTorch's, one at a time, at the demo step's shapes.
+
+Where bench/train_step.py --torch compares whole train steps, this times the parts
+both steps are made of, in one process on the same inputs, to say where a gap
+between the two comes from: the three matmuls of a linear layer (forward, input
+gradient, weight gradient), a SwiGLU MLP's forward and backward, and causal
+grouped-query attention's forward and backward (ours: pixrec_jax.models.layers.attention,
+the einsum form XLA compiles; PyTorch's: scaled_dot_product_attention, the fused
+kernel transformers' sdpa models call). Float32. Each figure is the median of
+--rounds rounds of --iters calls after a warm-up call; JAX results are synced
+once per round. Threads: both libraries use every core the process may run on;
+pin with `taskset -c 0` for one.
+
+The last line is one JSON object: {name: {"jax_ms", "torch_ms", "jax_over_torch"}}.
+
+  python bench/cpu_ops.py                 # the demo decoder's shapes (batch 32 x 184 tokens)
+  taskset -c 0 python bench/cpu_ops.py    # one core
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from pixrec_jax.models import layers
+
+
+def _time(fn, rounds: int, iters: int, sync=lambda r: None) -> float:
+  """Median milliseconds per call of fn()."""
+  sync(fn())
+  times = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    for _ in range(iters):
+      out = fn()
+    sync(out)
+    times.append((time.perf_counter() - start) / iters * 1e3)
+  return statistics.median(times)
+
+
+def _jax(fn, *args):
+  f = jax.jit(fn)
+  args = [jnp.asarray(a) for a in args]
+  return lambda: f(*args)
+
+
+def _torch(fn, *args, grad=()):
+  args = [torch.from_numpy(a).requires_grad_(i in grad) for i, a in enumerate(args)]
+  return lambda: fn(*args)
+
+
+def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, heads: int = 4, kv_heads: int = 2,
+          head_dim: int = 32, causal_blocks: int = 4, seed: int = 0) -> dict:
+  """{name: (ours, theirs)}: argument-free callables computing the same thing on the same float32 inputs."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  b, t, d, f = batch, seq, hidden, ffn
+  n, kv, h = heads, kv_heads, head_dim
+  x, w, dy = normal(b * t, d), normal(d, f) * 0.05, normal(b * t, f)
+  gate, up, down = normal(d, f) * 0.05, normal(d, f) * 0.05, normal(f, d) * 0.05
+  q, k, v = normal(b, t, n, h), normal(b, t, kv, h), normal(b, t, kv, h)
+  lengths = rng.integers(t // 3, t + 1, b)  # right padding, as training batches have
+  lengths[0] = t
+  pad = np.arange(t)[None, :] < lengths[:, None]
+  mask = np.tril(np.ones((t, t), bool))[None, None] & pad[:, None, None, :]  # (B, 1, T, T)
+  scale = h**-0.5
+
+  def jax_mlp(x, gate, up, down):
+    def loss(params, x):
+      g, u, o = params
+      return jnp.sum(((jax.nn.silu(x @ g) * (x @ u)) @ o)**2)
+    (dg, du, do), dx = jax.grad(loss, argnums=(0, 1))((gate, up, down), x)
+    return dg, du, do, dx
+
+  def torch_mlp(x, gate, up, down):
+    y = (torch.nn.functional.silu(x @ gate) * (x @ up)) @ down
+    return torch.autograd.grad((y * y).sum(), [gate, up, down, x])
+
+  def jax_attention(q, k, v, mask):
+    loss = lambda q, k, v: jnp.sum(layers.attention(q, k, v, mask, scale, causal_blocks=causal_blocks)**2)
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  def torch_attention(q, k, v, mask):
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True)
+    return torch.autograd.grad((out * out).sum(), [q, k, v])
+
+  return {
+      "linear forward x @ W": (_jax(lambda x, w: x @ w, x, w), _torch(lambda x, w: x @ w, x, w)),
+      "linear input gradient dy @ W.T": (_jax(lambda dy, w: dy @ w.T, dy, w), _torch(lambda dy, w: dy @ w.T, dy, w)),
+      "linear weight gradient x.T @ dy": (_jax(lambda x, dy: x.T @ dy, x, dy), _torch(lambda x, dy: x.T @ dy, x, dy)),
+      "SwiGLU MLP forward + backward": (_jax(jax_mlp, x, gate, up, down),
+                                        _torch(torch_mlp, x, gate, up, down, grad=(0, 1, 2, 3))),
+      "causal GQA attention forward + backward": (_jax(jax_attention, q, k, v, mask),
+                                                  _torch(torch_attention, q, k, v, mask, grad=(0, 1, 2))),
+  }
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--seq", type=int, default=184)
+  parser.add_argument("--hidden", type=int, default=128)
+  parser.add_argument("--ffn", type=int, default=256)
+  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--kv-heads", type=int, default=2)
+  parser.add_argument("--head-dim", type=int, default=32)
+  parser.add_argument("--causal-blocks", type=int, default=4, help="as model.causal_blocks (ours only)")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--iters", type=int, default=10)
+  args = parser.parse_args(argv)
+  jax.config.update("jax_platforms", "cpu")
+  b, t, d, f, n, kv, h = args.batch, args.seq, args.hidden, args.ffn, args.heads, args.kv_heads, args.head_dim
+  pairs = cases(b, t, d, f, n, kv, h, args.causal_blocks)
+  sync = jax.block_until_ready
+  print(f"{b} x {t} tokens, hidden {d}, MLP {f}, {n} heads ({kv} KV) of {h}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; jax {jax.__version__}")
+  result = {}
+  for name, (ours, theirs) in pairs.items():
+    jax_ms = _time(ours, args.rounds, args.iters, sync)
+    torch_ms = _time(theirs, args.rounds, args.iters)
+    result[name] = {"jax_ms": round(jax_ms, 3), "torch_ms": round(torch_ms, 3),
+                    "jax_over_torch": round(jax_ms / torch_ms, 3)}
+    print(f"{name:42s} jax {jax_ms:8.2f} ms   torch {torch_ms:8.2f} ms   jax/torch {jax_ms / torch_ms:.2f}")
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
