@@ -11,7 +11,6 @@ from pixrec_jax.data import examples, processors, synthetic
 from pixrec_jax.models import zoo
 
 
-
 def _bench_module(name):
   spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parents[1] / f"bench/{name}.py")
   module = importlib.util.module_from_spec(spec)
