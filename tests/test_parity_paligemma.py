@@ -176,3 +176,12 @@ def test_clear_errors(checkpoint):
     ours.image_features(np.ones((1, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32), np.ones((1, 2, 2), bool))
   with pytest.raises(ValueError, match="cudnn.*soft-capping"):
     pixrec_jax.from_pretrained(checkpoint, pixrec_jax.Runtime(attention="cudnn"))(input_ids=ids[:, 4:])
+
+
+def test_pallas_attention_matches_transformers(checkpoint):
+  """attention="pallas" (the fused soft-capping kernels; on CPU in Pallas's interpreter) through the whole
+  model, vision tower included, with the bidirectional prefix, padding and the sliding window."""
+  hf_model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(checkpoint).eval()
+  ours = pixrec_jax.from_pretrained(checkpoint, pixrec_jax.Runtime(attention="pallas"))
+  cases = _cases(fx.IMAGE_TOKEN, ours.cfg.image_seq_len)
+  _compare(hf_model, ours, {k: cases[k] for k in ("image_prefix_left_padding", "several_images_prefix")})

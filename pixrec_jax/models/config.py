@@ -51,19 +51,24 @@ def dtype_from_name(name: str):
     raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}") from None
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")  # layers.attention's
+
+
 @dataclasses.dataclass(frozen=True)
 class Runtime:
   """How a backbone runs, separate from what it is."""
 
   dtype: str = "float32"  # compute dtype of matmuls and activations
   param_dtype: str = "float32"  # storage dtype of parameters
-  attention: str = "xla"  # "xla" (einsum, float32 softmax) or "cudnn" (fused GPU kernel)
+  attention: str = "xla"  # "xla" (einsum, float32 softmax), "cudnn" (fused GPU kernel) or "pallas" (fused, soft-caps)
   scan_layers: bool = False  # one jax.lax.scan over stacked layers: one layer to compile, not all
   remat: str = "none"  # a pixrec_jax.models.scan.REMAT_POLICIES name: what a layer saves for the backward pass
   causal_blocks: int = 1  # causal decoders: XLA attention in this many query blocks, skipping masked keys
 
   def __post_init__(self):
     scan.remat_policy(self.remat)  # an unknown name fails here, listing the valid ones
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
     if not isinstance(self.causal_blocks, int) or self.causal_blocks < 1:
       raise ValueError(f"causal_blocks must be a positive integer (1: no blocking), got {self.causal_blocks!r}")
 

@@ -9,11 +9,14 @@ norms, softmax and logits run in float32 whatever the compute dtype.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from pixrec_jax.models import flash
 
 Axes = tuple[str | None, ...]
 
@@ -192,7 +195,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
   before masking.
 
   implementation "xla" is this einsum form; "cudnn" hands the same computation
-  to `jax.nn.dot_product_attention` (fused kernels on GPU, half precision only).
+  to `jax.nn.dot_product_attention` (fused kernels on GPU, half precision only,
+  no soft-capping); "pallas" to `flash.flash_attention`, fused Pallas kernels for
+  GPUs that also soft-cap (Gemma2, PaliGemma 2).
 
   causal_blocks > 1 is the caller's promise that the mask is causal (query i sees
   no key after position i; T == S): XLA attention then takes the queries in that
@@ -225,8 +230,10 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
     if mask is not None:  # cuDNN takes a mask with every query row, not one broadcast over queries
       mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+  if implementation == "pallas":
+    return flash.flash_attention(q, k, v, mask, scale, softcap, interpret=_pallas_interpret())
   if implementation != "xla":
-    raise ValueError(f"attention implementation must be 'xla' or 'cudnn', got {implementation!r}")
+    raise ValueError(f"attention implementation must be 'xla', 'cudnn' or 'pallas', got {implementation!r}")
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   groups = n // kv_heads
@@ -243,6 +250,19 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->bkgth", probs, v)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+@functools.cache
+def _pallas_interpret() -> bool:
+  """attention="pallas" compiles its kernels for GPUs; on CPU it runs them in Pallas's interpreter."""
+  backend = jax.default_backend()
+  if backend == "gpu":
+    return False
+  if backend != "cpu":
+    raise ValueError(f"attention='pallas' is a GPU kernel (Triton); on {backend} use attention='xla'")
+  logging.warning("attention='pallas' on CPU runs its GPU kernels in Pallas's interpreter: exact, and far slower "
+                  "than attention='xla' (meant for tests)")
+  return True
 
 
 def softcapped(x: jax.Array, cap: float) -> jax.Array:
