@@ -18,6 +18,11 @@
 #              square), scanned layers, remat $PALIGEMMA_REMAT; then the PyTorch reference (which halves its
 #              batch until it fits, if it must: see its "batch")
 #   smolvlm@B, paligemma@B   the same at batch B (smolvlm's image budget scaled with it)
+#   paligemma_pallas[@B]  paligemma with attention=pallas (pixrec_jax.models.flash: fused, soft-capping
+#              kernels), compared with the paligemma item's PyTorch reference at the same batch; no remat
+#              unless PALIGEMMA_PALLAS_REMAT says (the fused kernels keep no (T, T) tensors)
+#   attention  bench/attention.py: one attention layer forward + backward, xla / pallas / cudnn, each checked
+#              against XLA's on the GPU first, at PaliGemma 2 3B's and SmolVLM-256M's decoder shapes
 #   smolvlm_loop  smolvlm with its layers unrolled (model.scan_layers=False), no PyTorch run of its own
 #   loader     bench/loader_vs_step.py: the training input pipeline alone at the smolvlm shapes
 #              ($LOADER_WORKERS worker processes), against the examples/s of this run's smolvlm step
@@ -42,6 +47,7 @@ SMOLVLM_BATCH="${SMOLVLM_BATCH:-16}"
 SMOLVLM_BUDGET="${SMOLVLM_BUDGET:-80}"
 PALIGEMMA_BATCH="${PALIGEMMA_BATCH:-4}"
 PALIGEMMA_REMAT="${PALIGEMMA_REMAT:-full}"
+PALIGEMMA_PALLAS_REMAT="${PALIGEMMA_PALLAS_REMAT:-none}"
 LOADER_WORKERS="${LOADER_WORKERS:-8}"
 TORCH="${TORCH:-1}"
 # profile_args ITEM: the --profile option when PROFILE=1
@@ -140,6 +146,16 @@ for item in $ITEMS; do
       keep_profile "$item"
       [ "$TORCH" = 1 ] && [ -f "$SPECS/$item/spec.json" ] && \
         run "${item}_torch" 100 "$PY" bench/torch_reference.py --spec "$SPECS/$item" ;;
+    paligemma_pallas|paligemma_pallas@*)
+      b=$(batch_of "$item" "$PALIGEMMA_BATCH")
+      run "$item" 190 "$PY" bench/train_step.py --config configs/paligemma2_3b_224.py --batch "$b" \
+        --warmup 2 --rounds 3 --steps 3 --config.model.dtype=bfloat16 --config.model.attention=pallas \
+        --scan-layers --remat="$PALIGEMMA_PALLAS_REMAT" $resident $(profile_args "$item") $EXTRA
+      keep_profile "$item" ;;
+    attention)
+      run attention_paligemma 120 "$PY" bench/attention.py --batch "$PALIGEMMA_BATCH"
+      run attention_smolvlm 120 "$PY" bench/attention.py --batch "$SMOLVLM_BATCH" --seq 544 --heads 9 \
+        --kv-heads 3 --head-dim 64 --softcap 0 ;;
     loader)
       # The step rate to feed: this run's fastest smolvlm result (63 examples/s, the H200's, if none).
       rate="$("$PY" -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; \
@@ -148,7 +164,7 @@ r=[x['examples_per_s'] for x in r if x['item'].startswith('smolvlm') and 'exampl
         --step-examples-per-s "$rate" --batches 40 --config.train.batch_size="$SMOLVLM_BATCH" \
         --config.data.image_budget="$SMOLVLM_BUDGET" --config.data.num_workers="$LOADER_WORKERS" \
         --workdir "$SPECS/loader" ;;
-    *) echo "unknown item $item (demo smolvlm[@B] smolvlm_loop paligemma[@B] loader)" ;;
+    *) echo "unknown item $item (demo smolvlm[@B] smolvlm_loop paligemma[@B] paligemma_pallas[@B] attention loader)" ;;
   esac
 done
 
@@ -165,12 +181,17 @@ summary = {}
 for name, r in rows.items():
   if name.endswith("_torch"):
     continue
+  if name.startswith("attention_"):
+    print(f"{name}: " + ", ".join(f"{k} {v.get('ms', v.get('error'))} ms" for k, v in r.items()
+                                  if isinstance(v, dict) and ("ms" in v or "error" in v)))
+    summary[name] = r
+    continue
   if name == "loader":
     print(f"loader ({r.get('num_workers')} workers): {r.get('loader_examples_per_s', r.get('error'))} examples/s, "
           f"{r.get('loader_over_step')}x the step's {r.get('train_steps_per_s')} steps/s")
     summary[name] = r
     continue
-  theirs = rows.get(name.replace("_xla", "").replace("_loop", "") + "_torch", {})
+  theirs = rows.get(name.replace("_xla", "").replace("_loop", "").replace("_pallas", "") + "_torch", {})
   ratio = None
   if r.get("examples_per_s") and theirs.get("torch_examples_per_s"):
     ratio = round(r["examples_per_s"] / theirs["torch_examples_per_s"], 3)

@@ -1,6 +1,7 @@
 """bench/train_step.py's synthetic batches have the shapes training has."""
 
 import importlib.util
+import json
 import pathlib
 
 import numpy as np
@@ -20,6 +21,7 @@ def _bench_module(name):
 
 train_step = _bench_module("train_step")
 cpu_ops = _bench_module("cpu_ops")
+attention = _bench_module("attention")
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +104,15 @@ def test_cpu_ops_times_the_same_computation_in_both_libraries(causal_blocks):
       w = w.detach().numpy()
       assert g.shape == w.shape and np.abs(w).max() > 0, name
       np.testing.assert_allclose(np.asarray(g), w, rtol=2e-4, atol=2e-4 * np.abs(w).max(), err_msg=name)
+
+
+def test_attention_bench_reports_each_kernel_against_xla(capsys):
+  # On CPU the fused kernels run in Pallas's interpreter: tiny shapes, every key block and the soft-cap.
+  result = attention.main(["--batch", "2", "--seq", "40", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                           "--softcap", "5", "--dtype", "float32", "--rounds", "1", "--iters", "1"])
+  assert "cudnn" not in result  # soft-capped: no cuDNN path, reported as skipped
+  assert result["xla"]["ms"] > 0 and result["pallas"]["ms"] > 0 and result["pallas_speedup_vs_xla"] > 0
+  diffs = result["pallas"]["max_abs_diff_vs_xla"]
+  assert set(diffs) == {"out", "dq", "dk", "dv"} and max(diffs.values()) < 1e-5, diffs
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert json.loads(last) == json.loads(json.dumps(result))
