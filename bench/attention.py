@@ -60,7 +60,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--head-dim", type=int, default=256)
   parser.add_argument("--softcap", type=float, default=50.0, help="Gemma2's attention logit cap (0: none)")
   parser.add_argument("--dtype", default="bfloat16")
-  parser.add_argument("--causal-blocks", type=int, default=4, help="as model.causal_blocks (xla only)")
+  parser.add_argument("--causal-blocks", type=int, default=4, help="as model.causal_blocks (xla: query blocks; "
+                      "pallas: > 1 is the causal promise that skips key blocks)")
   parser.add_argument("--impls", default="xla,pallas,cudnn", help="comma separated; cudnn is skipped where it "
                       "cannot run (soft-capping, float32, no GPU)")
   parser.add_argument("--rounds", type=int, default=5)
@@ -81,7 +82,7 @@ def main(argv=None) -> dict:
   result = {"device": device.device_kind, "batch": args.batch, "seq": args.seq, "heads": args.heads,
             "kv_heads": args.kv_heads, "head_dim": args.head_dim, "softcap": softcap, "dtype": dtype.name}
   for impl in impls:
-    fn = step_fn(impl, scale, softcap, args.causal_blocks if impl == "xla" else 1)
+    fn = step_fn(impl, scale, softcap, args.causal_blocks)  # cudnn ignores it; pallas reads it as causal
     try:
       start = time.perf_counter()
       outs = jax.block_until_ready(fn(q, k, v, mask, dout))

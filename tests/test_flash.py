@@ -36,14 +36,15 @@ def _mask(kind, b, t, s):
   return jnp.asarray(mask)
 
 
-def _compare(q, k, v, mask, softcap, tol):
+def _compare(q, k, v, mask, softcap, tol, causal=False, ref_mask=None):
   b, t = q.shape[:2]
   scale = q.shape[-1]**-0.5
-  ref = lambda q, k, v: layers.attention(q, k, v, mask, scale, softcap=softcap)
-  ours = lambda q, k, v: flash.flash_attention(q, k, v, mask, scale, softcap)
+  ref_mask = mask if ref_mask is None else ref_mask
+  ref = lambda q, k, v: layers.attention(q, k, v, ref_mask, scale, softcap=softcap)
+  ours = lambda q, k, v: flash.flash_attention(q, k, v, mask, scale, softcap, causal=causal)
   rows = np.ones((b, t), bool)
-  if mask is not None:  # query rows with an allowed key; the others are never read
-    rows = np.asarray(jnp.broadcast_to(mask, (b, 1, t, mask.shape[-1])).any(-1))[:, 0]
+  if ref_mask is not None:  # query rows with an allowed key; the others are never read
+    rows = np.asarray(jnp.broadcast_to(ref_mask, (b, 1, t, ref_mask.shape[-1])).any(-1))[:, 0]
   dout = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), q.dtype) * rows[:, :, None, None]
   out_ref, vjp_ref = jax.vjp(ref, q, k, v)
   out, vjp = jax.vjp(ours, q, k, v)
@@ -64,6 +65,23 @@ def test_flash_matches_einsum_attention(mask_kind, softcap, shape):
   b, t, s, n, kv, h = shape
   q, k, v = _inputs(np.random.default_rng(0), b, t, s, n, kv, h, jnp.float32)
   _compare(q, k, v, _mask(mask_kind, b, t, s), softcap, 1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["causal_padding", "window", "none"])
+def test_causal_flash_skips_only_masked_blocks(mask_kind):
+  """causal=True: each query block reads key blocks up to its own end (3 blocks of 64 here, the last
+  partly padding) and masks by position, so even without a mask it equals causal attention."""
+  b, t, n, kv, h = 3, 150, 2, 1, 16
+  q, k, v = _inputs(np.random.default_rng(5), b, t, t, n, kv, h, jnp.float32)
+  mask = _mask(mask_kind, b, t, t)
+  causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
+  _compare(q, k, v, mask, 3.0, 1e-5, causal=True, ref_mask=causal if mask is None else mask)
+
+
+def test_causal_needs_square_attention():
+  q, k, v = _inputs(np.random.default_rng(6), 1, 8, 16, 2, 2, 16, jnp.float32)
+  with pytest.raises(ValueError, match="causal needs as many queries as keys, got 8 and 16"):
+    flash.flash_attention(q, k, v, None, 0.25, causal=True)
 
 
 def test_flash_bfloat16_matches_einsum_attention():
@@ -92,8 +110,8 @@ def test_bad_shapes_and_names_are_refused():
     flash.flash_attention(q, k, v, jnp.ones((1, 8, 8), bool), 0.25)
 
 
-@pytest.mark.parametrize("head_dim,kv_heads", [(256, 4), (64, 3)])  # PaliGemma 2's heads; SmolVLM's
-def test_kernels_lower_to_triton_for_cuda(head_dim, kv_heads):
+@pytest.mark.parametrize("head_dim,kv_heads,causal", [(256, 4, True), (64, 3, False)])  # PaliGemma 2's; SmolVLM's
+def test_kernels_lower_to_triton_for_cuda(head_dim, kv_heads, causal):
   """The forward and both backward kernels lower through Pallas's Triton path (compiling the Triton IR
   to GPU code needs a GPU; this catches what Pallas refuses before that)."""
   q = jax.ShapeDtypeStruct((2, 200, kv_heads * 2, head_dim), jnp.bfloat16)
@@ -101,7 +119,7 @@ def test_kernels_lower_to_triton_for_cuda(head_dim, kv_heads):
   mask = jax.ShapeDtypeStruct((2, 1, 200, 200), jnp.bool_)
 
   def loss(q, k, v, mask):
-    out = flash.flash_attention(q, k, v, mask, head_dim**-0.5, 50.0, interpret=False)
+    out = flash.flash_attention(q, k, v, mask, head_dim**-0.5, 50.0, causal=causal, interpret=False)
     return jnp.sum(out.astype(jnp.float32)**2)
 
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, mask).lower(lowering_platforms=("cuda",))

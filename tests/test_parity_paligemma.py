@@ -185,3 +185,6 @@ def test_pallas_attention_matches_transformers(checkpoint):
   ours = pixrec_jax.from_pretrained(checkpoint, pixrec_jax.Runtime(attention="pallas"))
   cases = _cases(fx.IMAGE_TOKEN, ours.cfg.image_seq_len)
   _compare(hf_model, ours, {k: cases[k] for k in ("image_prefix_left_padding", "several_images_prefix")})
+  # Causal batches (PixRec's) with causal_blocks > 1: the kernels' causal promise, key blocks skipped.
+  causal = pixrec_jax.from_pretrained(checkpoint, pixrec_jax.Runtime(attention="pallas", causal_blocks=2))
+  _compare(hf_model, causal, {k: cases[k] for k in ("image_mid_sequence_causal", "text_only_left_padding")})

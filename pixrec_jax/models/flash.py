@@ -55,22 +55,23 @@ def _compiler_params(head_dim: int):
   return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
-def _logits(q, k, mask_block, key_ok, scale, softcap):
+def _logits(q, k, mask_block, allowed, scale, softcap):
   """(block_q, block_k) float32 logits after scale, soft-cap and mask; and tanh for the soft-cap's derivative."""
   s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
   t = None
   if softcap is not None:
     t = jnp.tanh(s / softcap)
     s = t * softcap
-  allowed = key_ok if mask_block is None else jnp.logical_and(mask_block != 0, key_ok)
+  if mask_block is not None:
+    allowed = jnp.logical_and(mask_block != 0, allowed)
   return jnp.where(allowed, s, MASKED), t
 
 
-def _probs_and_dlogits(q, k, v, do, lse, delta, mask_block, key_ok, scale, softcap):
+def _probs_and_dlogits(q, k, v, do, lse, delta, mask_block, allowed, scale, softcap):
   """The softmax probabilities recomputed from the log-sum-exp, and the loss's gradient in the scaled
   logits `s` (before soft-cap): dP = dO V^T, dL = P (dP - delta) with delta = rowsum(dO * O), times the
   soft-cap's derivative 1 - tanh^2."""
-  s, t = _logits(q, k, mask_block, key_ok, scale, softcap)
+  s, t = _logits(q, k, mask_block, allowed, scale, softcap)
   p = jnp.exp(s - lse[:, None])
   dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   ds = p * (dp - delta[:, None])
@@ -79,16 +80,28 @@ def _probs_and_dlogits(q, k, v, do, lse, delta, mask_block, key_ok, scale, softc
   return p, ds
 
 
-def _key_ok(start, block, kv_len):
-  """(1, block) True for keys inside the unpadded sequence."""
-  return (start + jnp.arange(block))[None, :] < kv_len
+def _allowed(q_start, k_start, block_q, block_k, kv_len, causal):
+  """(block_q, block_k) or (1, block_k): keys inside the unpadded sequence, and with `causal` not after the query."""
+  keys = (k_start + jnp.arange(block_k))[None, :]
+  ok = keys < kv_len
+  if causal:
+    ok = jnp.logical_and(ok, (q_start + jnp.arange(block_q))[:, None] >= keys)
+  return ok
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, *refs, scale, softcap, block_k, kv_len, has_mask):
+def _key_blocks(q_block, block_q, block_k, num_k, causal):
+  """How many key blocks query block `q_block` reads: all, or with `causal` those up to its last row."""
+  if not causal:
+    return num_k
+  return jnp.minimum(num_k, jax.lax.div((q_block + 1) * block_q + block_k - 1, block_k))
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, scale, softcap, block_k, kv_len, has_mask, causal):
   mask_ref, o_ref, lse_ref = refs if has_mask else (None,) + tuple(refs)
   q = q_ref[...]
   block_q, head_dim = q.shape
-  num_k = k_ref.shape[0] // block_k
+  q_block = pl.program_id(0)
+  num_k = _key_blocks(q_block, block_q, block_k, k_ref.shape[0] // block_k, causal)
 
   def body(j, carry):
     acc, m, l = carry
@@ -96,7 +109,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, scale, softcap, block_k, kv_len, has
     k = k_ref[pl.ds(start, block_k), :]
     v = v_ref[pl.ds(start, block_k), :]
     mask = None if mask_ref is None else mask_ref[:, pl.ds(start, block_k)]
-    s, _ = _logits(q, k, mask, _key_ok(start, block_k, kv_len), scale, softcap)
+    s, _ = _logits(q, k, mask, _allowed(q_block * block_q, start, block_q, block_k, kv_len, causal), scale, softcap)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     correction = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[:, None])
@@ -112,14 +125,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, scale, softcap, block_k, kv_len, has
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, softcap, block_q, kv_len,
-                 has_mask):
+                 has_mask, causal):
   mask_ref, dk_ref, dv_ref = refs if has_mask else (None,) + tuple(refs)
   k = k_ref[...]
   v = v_ref[...]
   block_k, head_dim = k.shape
   start_k = pl.program_id(0) * block_k
-  key_ok = _key_ok(start_k, block_k, kv_len)
   num_q = q_ref.shape[0] // block_q
+  first_q = jax.lax.div(start_k, block_q) if causal else 0  # with `causal`, earlier queries see none of these keys
 
   def body(i, carry):
     dk, dv = carry
@@ -129,7 +142,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, 
     lse = lse_ref[rows]
     delta = delta_ref[rows]
     mask = None if mask_ref is None else mask_ref[rows, :]
-    p, ds = _probs_and_dlogits(q, k, v, do, lse, delta, mask, key_ok, scale, softcap)
+    allowed = _allowed(i * block_q, start_k, block_q, block_k, kv_len, causal)
+    p, ds = _probs_and_dlogits(q, k, v, do, lse, delta, mask, allowed, scale, softcap)
     dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                                   preferred_element_type=jnp.float32)
     dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
@@ -137,25 +151,29 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, 
     return dk, dv
 
   zeros = jnp.zeros((block_k, head_dim), jnp.float32)
-  dk, dv = jax.lax.fori_loop(0, num_q, body, (zeros, zeros))
+  dk, dv = jax.lax.fori_loop(first_q, num_q, body, (zeros, zeros))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, softcap, block_k, kv_len, has_mask):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, softcap, block_k, kv_len, has_mask,
+               causal):
   mask_ref, dq_ref = refs if has_mask else (None,) + tuple(refs)
   q = q_ref[...]
   do = do_ref[...]
   lse = lse_ref[...]
   delta = delta_ref[...]
-  num_k = k_ref.shape[0] // block_k
+  block_q = q.shape[0]
+  q_block = pl.program_id(0)
+  num_k = _key_blocks(q_block, block_q, block_k, k_ref.shape[0] // block_k, causal)
 
   def body(j, dq):
     start = j * block_k
     k = k_ref[pl.ds(start, block_k), :]
     v = v_ref[pl.ds(start, block_k), :]
     mask = None if mask_ref is None else mask_ref[:, pl.ds(start, block_k)]
-    _, ds = _probs_and_dlogits(q, k, v, do, lse, delta, mask, _key_ok(start, block_k, kv_len), scale, softcap)
+    allowed = _allowed(q_block * block_q, start, block_q, block_k, kv_len, causal)
+    _, ds = _probs_and_dlogits(q, k, v, do, lse, delta, mask, allowed, scale, softcap)
     return dq + jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                     preferred_element_type=jnp.float32)
 
@@ -174,13 +192,16 @@ def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
 class _Plan:
   """Static shapes of one call: padded lengths, blocks, grouping, and the BlockSpecs they give."""
 
-  def __init__(self, q_shape, k_shape, mask_batch, interpret):
+  def __init__(self, q_shape, k_shape, mask_batch, interpret, causal):
     b, t, n, h = q_shape
     s, kv = k_shape[1], k_shape[2]
     if n % kv:
       raise ValueError(f"flash attention: {n} query heads are not a multiple of {kv} key/value heads")
     self.b, self.t, self.n, self.h, self.s, self.kv = b, t, n, h, s, kv
+    if causal and t != s:
+      raise ValueError(f"flash attention: causal needs as many queries as keys, got {t} and {s}")
     self.groups = n // kv
+    self.causal = causal
     self.hp = max(16, pl.next_power_of_2(h))
     self.block_q, self.block_k = block_sizes(self.hp)
     self.tp = -(-t // self.block_q) * self.block_q
@@ -219,7 +240,7 @@ def _forward(q, k, v, mask, plan: _Plan, scale, softcap):
   kv_spec = pl.BlockSpec((None, plan.sp, None, plan.hp), lambda i, b, n: (b, 0, n // g, 0))
   in_specs = [q_spec, kv_spec, kv_spec] + ([plan.mask_spec(bq, True)] if mask is not None else [])
   kernel = functools.partial(_fwd_kernel, scale=scale, softcap=softcap, block_k=plan.block_k, kv_len=plan.s,
-                             has_mask=mask is not None)
+                             has_mask=mask is not None, causal=plan.causal)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((plan.b, plan.n, plan.tp), jnp.float32)]
   out_specs = [q_spec, pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i))]
   args = (q, k, v) + ((mask,) if mask is not None else ())
@@ -232,7 +253,7 @@ def _backward(q, k, v, mask, out, lse, dout, plan: _Plan, scale, softcap):
   delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
   has_mask = mask is not None
   extra = (mask,) if has_mask else ()
-  common = dict(scale=scale, softcap=softcap, kv_len=plan.s, has_mask=has_mask)
+  common = dict(scale=scale, softcap=softcap, kv_len=plan.s, has_mask=has_mask, causal=plan.causal)
 
   # dK, dV: one program per (key block, batch, query head), looping over all query blocks.
   q_all = pl.BlockSpec((None, plan.tp, None, plan.hp), lambda j, b, n: (b, 0, n, 0))
@@ -257,10 +278,12 @@ def _backward(q, k, v, mask, out, lse, dout, plan: _Plan, scale, softcap):
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
-                    softcap: float | None = None, *, interpret: bool | None = None) -> jax.Array:
+                    softcap: float | None = None, *, causal: bool = False, interpret: bool | None = None) -> jax.Array:
   """`layers.attention`'s computation (q: (B, T, N, H); k, v: (B, S, K, H); boolean mask broadcastable to
   (B, 1, T, S), True where a query may attend) as fused Pallas kernels; differentiable in q, k and v.
 
+  causal: no query sees a later key (T == S). The kernels then skip the key blocks wholly after a query
+    block (about half the work) and mask the rest by position, on top of `mask`.
   interpret: run in Pallas's interpreter (default: on any backend but GPU)."""
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
@@ -268,7 +291,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     if mask.ndim != 4 or mask.shape[1] != 1:
       raise ValueError(f"flash attention: mask must be (B or 1, 1, T or 1, S), got {mask.shape}")
     mask = mask.astype(bool)
-  plan = _Plan(q.shape, k.shape, 1 if mask is None else mask.shape[0], interpret)
+  plan = _Plan(q.shape, k.shape, 1 if mask is None else mask.shape[0], interpret, causal)
   return _flash(q, k, v, mask, plan, float(scale), None if softcap is None else float(softcap))
 
 

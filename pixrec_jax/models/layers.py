@@ -206,9 +206,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
   of the full square (0.625 for 4 blocks), and so is the memory traffic of XLA's
   unfused softmax (PaliGemma 2 3B on an H200: 12.56 -> 13.16 examples/s). cuDNN's
   fused kernel runs the full square faster than blocks of it (SmolVLM: 97.3 vs
-  92.3 examples/s), so it ignores causal_blocks.
+  92.3 examples/s), so it ignores causal_blocks; "pallas" takes it as its `causal`
+  promise and skips the key blocks after each query block inside its kernels.
   """
   t, s = q.shape[1], k.shape[1]
+  if implementation == "pallas":  # the kernels skip the key blocks after each query block themselves
+    causal = causal_blocks > 1 and t == s
+    return flash.flash_attention(q, k, v, mask, scale, softcap, causal=causal, interpret=_pallas_interpret())
   if causal_blocks > 1 and implementation == "xla" and t == s and t > 1:
     outs, start = [], 0
     for end in causal_block_edges(t, causal_blocks):
@@ -230,8 +234,6 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
     if mask is not None:  # cuDNN takes a mask with every query row, not one broadcast over queries
       mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-  if implementation == "pallas":
-    return flash.flash_attention(q, k, v, mask, scale, softcap, interpret=_pallas_interpret())
   if implementation != "xla":
     raise ValueError(f"attention implementation must be 'xla', 'cudnn' or 'pallas', got {implementation!r}")
   b, t, n, h = q.shape
