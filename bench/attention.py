@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixrec_jax.models import layers
+from pixrec_jax.models import flash, layers
 
 
 def make_inputs(batch, seq, heads, kv_heads, head_dim, dtype, seed=0):
@@ -41,10 +41,18 @@ def make_inputs(batch, seq, heads, kv_heads, head_dim, dtype, seed=0):
 
 
 def step_fn(impl: str, scale: float, softcap: float | None, causal_blocks: int):
-  """jit'd (q, k, v, mask, dout) -> (out, dq, dk, dv)."""
+  """jit'd (q, k, v, mask, dout) -> (out, dq, dk, dv). impl "pallas_BQxBK[xW]": pallas with those tiles (and warps)."""
+
+  def attention(q, k, v, mask):
+    if impl.startswith("pallas_"):
+      sizes = [int(x) for x in impl[len("pallas_"):].split("x")]
+      causal = causal_blocks > 1 and q.shape[1] == k.shape[1]
+      return flash.flash_attention(q, k, v, mask, scale, softcap, causal=causal, block_q=sizes[0],
+                                   block_k=sizes[1], num_warps=sizes[2] if len(sizes) > 2 else None)
+    return layers.attention(q, k, v, mask, scale, impl, softcap, causal_blocks)
 
   def fwd_bwd(q, k, v, mask, dout):
-    attend = lambda q, k, v: layers.attention(q, k, v, mask, scale, impl, softcap, causal_blocks)
+    attend = lambda q, k, v: attention(q, k, v, mask)
     out, vjp = jax.vjp(attend, q, k, v)
     return (out,) + vjp(dout)
 
@@ -64,6 +72,8 @@ def main(argv=None) -> dict:
                       "pallas: > 1 is the causal promise that skips key blocks)")
   parser.add_argument("--impls", default="xla,pallas,cudnn", help="comma separated; cudnn is skipped where it "
                       "cannot run (soft-capping, float32, no GPU)")
+  parser.add_argument("--pallas-blocks", default="", help="also time pallas with these tiles, comma separated "
+                      "BQxBK or BQxBKxWARPS (e.g. 32x32,64x64x4): a block-size sweep in one call")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--iters", type=int, default=5)
   args = parser.parse_args(argv)
@@ -74,7 +84,7 @@ def main(argv=None) -> dict:
   device = jax.devices()[0]
   print(f"{args.batch} x {args.seq} tokens, {args.heads} heads ({args.kv_heads} KV) of {args.head_dim}, softcap "
         f"{softcap}, {dtype.name}; {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-  impls = [i for i in args.impls.split(",") if i]
+  impls = [i for i in args.impls.split(",") if i] + [f"pallas_{b}" for b in args.pallas_blocks.split(",") if b]
   if "cudnn" in impls and (softcap is not None or dtype == jnp.float32 or jax.default_backend() != "gpu"):
     print("cudnn: skipped (no soft-capping, half precision only, GPU only)")
     impls.remove("cudnn")
@@ -107,10 +117,13 @@ def main(argv=None) -> dict:
     ms = statistics.median(times)
     result[impl] = {"ms": round(ms, 3), "first_call_s": round(compile_s, 1),
                     "max_abs_diff_vs_" + impls[0]: {n: float(f"{e:.3g}") for n, e in errors.items()}}
-    print(f"{impl:7s} {ms:9.2f} ms forward+backward (first call {compile_s:.1f} s); max |diff| vs {impls[0]}: "
+    print(f"{impl:14s} {ms:9.2f} ms forward+backward (first call {compile_s:.1f} s); max |diff| vs {impls[0]}: "
           + ", ".join(f"{n} {e:.2e}" for n, e in errors.items()))
-  if "xla" in result and "ms" in result.get("xla", {}) and "ms" in result.get("pallas", {}):
-    result["pallas_speedup_vs_xla"] = round(result["xla"]["ms"] / result["pallas"]["ms"], 3)
+  pallas = {k: v["ms"] for k, v in result.items() if k.startswith("pallas") and "ms" in v}
+  if "ms" in result.get("xla", {}) and pallas:
+    best = min(pallas, key=pallas.get)
+    result["pallas_best"] = best
+    result["pallas_speedup_vs_xla"] = round(result["xla"]["ms"] / pallas[best], 3)
   print(json.dumps(result))
   return result
 

@@ -153,9 +153,11 @@ for item in $ITEMS; do
         --scan-layers --remat="$PALIGEMMA_PALLAS_REMAT" $resident $(profile_args "$item") $EXTRA
       keep_profile "$item" ;;
     attention)
-      run attention_paligemma 120 "$PY" bench/attention.py --batch "$PALIGEMMA_BATCH"
+      # The default tiles, then a sweep (a tile that does not build is reported and skipped).
+      run attention_paligemma 150 "$PY" bench/attention.py --batch "$PALIGEMMA_BATCH" \
+        --pallas-blocks 64x32,32x64,64x64,32x32x4
       run attention_smolvlm 120 "$PY" bench/attention.py --batch "$SMOLVLM_BATCH" --seq 544 --heads 9 \
-        --kv-heads 3 --head-dim 64 --softcap 0 ;;
+        --kv-heads 3 --head-dim 64 --softcap 0 --pallas-blocks 128x64,64x128,128x128x8,64x64x8 ;;
     loader)
       # The step rate to feed: this run's fastest smolvlm result (63 examples/s, the H200's, if none).
       rate="$("$PY" -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; \

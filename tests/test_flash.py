@@ -78,6 +78,23 @@ def test_causal_flash_skips_only_masked_blocks(mask_kind):
   _compare(q, k, v, mask, 3.0, 1e-5, causal=True, ref_mask=causal if mask is None else mask)
 
 
+def test_unequal_tiles_keep_causal_skipping_exact():
+  """Query and key tiles of different sizes (as a block-size sweep tries): the causal loop bounds and the
+  first query tile of each key tile still cover every allowed pair."""
+  b, t = 2, 100
+  q, k, v = _inputs(np.random.default_rng(7), b, t, t, 2, 1, 16, jnp.float32)
+  mask = _mask("causal_padding", b, t, t)
+  scale = 0.25
+  want_out, want_vjp = jax.vjp(lambda q, k, v: layers.attention(q, k, v, mask, scale, softcap=4.0), q, k, v)
+  dout = jnp.asarray(np.random.default_rng(8).standard_normal(q.shape), jnp.float32)
+  for block_q, block_k in ((16, 32), (32, 16)):
+    out, vjp = jax.vjp(lambda q, k, v, bq=block_q, bk=block_k: flash.flash_attention(
+        q, k, v, mask, scale, 4.0, causal=True, block_q=bq, block_k=bk), q, k, v)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), atol=1e-5, err_msg=f"{block_q}x{block_k}")
+    for name, got, want in zip(("dq", "dk", "dv"), vjp(dout), want_vjp(dout)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, err_msg=f"{name} {block_q}x{block_k}")
+
+
 def test_causal_needs_square_attention():
   q, k, v = _inputs(np.random.default_rng(6), 1, 8, 16, 2, 2, 16, jnp.float32)
   with pytest.raises(ValueError, match="causal needs as many queries as keys, got 8 and 16"):
@@ -108,6 +125,8 @@ def test_bad_shapes_and_names_are_refused():
   q, k, v = _inputs(np.random.default_rng(4), 1, 8, 8, 2, 2, 16, jnp.float32)
   with pytest.raises(ValueError, match=r"mask must be \(B or 1, 1, T or 1, S\)"):
     flash.flash_attention(q, k, v, jnp.ones((1, 8, 8), bool), 0.25)
+  with pytest.raises(ValueError, match="block_k=48 must be a power of 2, at least 16"):
+    flash.flash_attention(q, k, v, None, 0.25, block_k=48)
 
 
 @pytest.mark.parametrize("head_dim,kv_heads,causal", [(256, 4, True), (64, 3, False)])  # PaliGemma 2's; SmolVLM's

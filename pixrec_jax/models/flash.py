@@ -50,9 +50,9 @@ def block_sizes(head_dim: int) -> tuple[int, int]:
   return (64, 64) if head_dim <= 128 else (32, 32)
 
 
-def _compiler_params(head_dim: int):
+def _compiler_params(head_dim: int, num_warps: int | None):
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
-  return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+  return plgpu.CompilerParams(num_warps=num_warps or (4 if head_dim <= 64 else 8), num_stages=2)
 
 
 def _logits(q, k, mask_block, allowed, scale, softcap):
@@ -192,7 +192,7 @@ def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
 class _Plan:
   """Static shapes of one call: padded lengths, blocks, grouping, and the BlockSpecs they give."""
 
-  def __init__(self, q_shape, k_shape, mask_batch, interpret, causal):
+  def __init__(self, q_shape, k_shape, mask_batch, interpret, causal, blocks=(None, None), num_warps=None):
     b, t, n, h = q_shape
     s, kv = k_shape[1], k_shape[2]
     if n % kv:
@@ -203,14 +203,19 @@ class _Plan:
     self.groups = n // kv
     self.causal = causal
     self.hp = max(16, pl.next_power_of_2(h))
-    self.block_q, self.block_k = block_sizes(self.hp)
+    default = block_sizes(self.hp)
+    self.block_q, self.block_k = (given or d for given, d in zip(blocks, default))
+    for name, size in (("block_q", self.block_q), ("block_k", self.block_k)):
+      if size < 16 or size & (size - 1):
+        raise ValueError(f"flash attention: {name}={size} must be a power of 2, at least 16 (Triton's tiles)")
+    self.num_warps = num_warps
     self.tp = -(-t // self.block_q) * self.block_q
     self.sp = -(-s // self.block_k) * self.block_k
     self.mask_batch = mask_batch
     self.interpret = interpret
 
   def call(self, kernel, grid, in_specs, out_specs, out_shape, name):
-    kwargs = {} if self.interpret else dict(compiler_params=_compiler_params(self.hp))
+    kwargs = {} if self.interpret else dict(compiler_params=_compiler_params(self.hp, self.num_warps))
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                           interpret=self.interpret, name=name, **kwargs)
 
@@ -278,20 +283,24 @@ def _backward(q, k, v, mask, out, lse, dout, plan: _Plan, scale, softcap):
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
-                    softcap: float | None = None, *, causal: bool = False, interpret: bool | None = None) -> jax.Array:
+                    softcap: float | None = None, *, causal: bool = False, interpret: bool | None = None,
+                    block_q: int | None = None, block_k: int | None = None, num_warps: int | None = None) -> jax.Array:
   """`layers.attention`'s computation (q: (B, T, N, H); k, v: (B, S, K, H); boolean mask broadcastable to
   (B, 1, T, S), True where a query may attend) as fused Pallas kernels; differentiable in q, k and v.
 
   causal: no query sees a later key (T == S). The kernels then skip the key blocks wholly after a query
     block (about half the work) and mask the rest by position, on top of `mask`.
-  interpret: run in Pallas's interpreter (default: on any backend but GPU)."""
+  interpret: run in Pallas's interpreter (default: on any backend but GPU).
+  block_q, block_k, num_warps: the tiles and Triton warps (default: `block_sizes` of the padded head
+    dimension; 4 warps up to head dimension 64, else 8); bench/attention.py --pallas-blocks sweeps them."""
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   if mask is not None:
     if mask.ndim != 4 or mask.shape[1] != 1:
       raise ValueError(f"flash attention: mask must be (B or 1, 1, T or 1, S), got {mask.shape}")
     mask = mask.astype(bool)
-  plan = _Plan(q.shape, k.shape, 1 if mask is None else mask.shape[0], interpret, causal)
+  plan = _Plan(q.shape, k.shape, 1 if mask is None else mask.shape[0], interpret, causal, (block_q, block_k),
+               num_warps)
   return _flash(q, k, v, mask, plan, float(scale), None if softcap is None else float(softcap))
 
 
