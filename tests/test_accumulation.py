@@ -20,10 +20,15 @@ def _trainer(model_fn, k):
                  sched, grad_accum_steps=k)
 
 
-@pytest.fixture(scope="module")
-def batch(image_builder, small_splits):
-  it = iter(pipeline.train_dataset(small_splits.train, image_builder, batch_size=8, seed=0))
-  return pipeline.split_bookkeeping(next(it))[0]
+@pytest.fixture(scope="module", params=[0, 32], ids=["slots", "packed"])
+def batch(request, image_builder, small_splits):
+  """A batch with every image slot, and one with its distinct tiles packed into 32 rows (data.image_budget),
+  which its microbatches share."""
+  it = iter(pipeline.train_dataset(small_splits.train, image_builder, batch_size=8, seed=0,
+                                   image_budget=request.param))
+  batch = pipeline.split_bookkeeping(next(it))[0]
+  assert ("image_index" in batch) == bool(request.param)
+  return batch
 
 
 def _flat(tree):

@@ -87,15 +87,23 @@ class PixRec(nnx.Module):
     """(B, M, C, H, W) -> (B, M, T, D): every image slot's language-model tokens, computed once.
     Packed rows (U, C, H, W) with index (B, M): each row encoded once, then given to its slots.
     uint8 images with `lut` (3, 256): the pixels are lut[channel, value]."""
+    if index is not None:
+      return self.image_rows(images, lut)[index]
     if lut is not None:
       images = decode_pixels(images, lut)
     elif images.dtype == jnp.uint8:
       raise ValueError("uint8 images need their pixel_lut (data.images.pixel_lut) to become the tower's floats")
-    if index is not None:
-      return self.backbone.image_features(images)[index]
     b, m = images.shape[:2]
     feats = self.backbone.image_features(images.reshape((b * m,) + images.shape[2:]))
     return feats.reshape((b, m) + feats.shape[1:])
+
+  def image_rows(self, images: jax.Array, lut: jax.Array | None = None) -> jax.Array:
+    """Packed rows (U, C, H, W) -> (U, T, D): each row's language-model tokens (uint8 rows with `lut`)."""
+    if lut is not None:
+      images = decode_pixels(images, lut)
+    elif images.dtype == jnp.uint8:
+      raise ValueError("uint8 images need their pixel_lut (data.images.pixel_lut) to become the tower's floats")
+    return self.backbone.image_features(images)
 
   def _hidden(self, ids, mask, feats, valid):
     if feats is None:
@@ -121,9 +129,16 @@ class PixRec(nnx.Module):
 
   # -- training ----------------------------------------------------------------
 
-  def train_outputs(self, batch: dict) -> dict:
-    feats = None if self.heads.text_only else self.encode_images(batch["images"], batch.get("image_index"),
-                                                                 batch.get("pixel_lut"))
+  def train_outputs(self, batch: dict, row_feats: jax.Array | None = None) -> dict:
+    """The mixed loss's inputs for a batch. row_feats: its packed rows' image_rows, computed by the caller
+    (gradient accumulation encodes a packed batch's rows once for all its microbatches); then the batch
+    needs no "images"."""
+    if self.heads.text_only:
+      feats = None
+    elif row_feats is not None:
+      feats = row_feats[batch["image_index"]]
+    else:
+      feats = self.encode_images(batch["images"], batch.get("image_index"), batch.get("pixel_lut"))
     hidden = self._hidden(batch["full_ids"], batch["full_mask"], feats, batch.get("image_valid"))
     at = jnp.take_along_axis(hidden, batch["nig_positions"][..., None], axis=1)
     nig_logits = self.backbone.logits(at)

@@ -161,9 +161,6 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if image_budget % dp:
       raise ValueError(f"data.image_budget={image_budget} rows do not split evenly over {dp} data-parallel devices")
-    if cfg.train.get("grad_accum_steps", 1) > 1:
-      raise ValueError("data.image_budget packs a batch's images across its examples, which microbatches "
-                       "(train.grad_accum_steps > 1) cannot split; set one of them to its default")
   batch_size = cfg.train.batch_size
   if batch_size % jax.process_count():
     raise ValueError(f"train.batch_size={batch_size} is not divisible by {jax.process_count()} processes")

@@ -18,7 +18,10 @@ every microbatch's embeddings (no gradients kept); the batch's contrastive loss
 gives their cotangents; pass 2 re-runs each microbatch under `jax.vjp` with those
 cotangents (and NIG's, a sum over tokens that decomposes), summing parameter
 gradients. Activation memory is one microbatch's; compute is about 1.5 forwards
-more per step.
+more per step. A packed batch (data.image_budget) shares its image rows across
+examples: the vision tower encodes them once before pass 1, pass 2 also sums each
+microbatch's gradient in those features, and one backward pass through the tower
+ends the step (the tower's activations are the whole batch's packed rows).
 
 LoRA dropout (models.lora) gets a key from (seed, step, microbatch), the same in
 both passes, so that pass 2 differentiates the forward pass 1 ran.
@@ -161,29 +164,38 @@ class Trainer:
     """The same (metrics, gradients) as `_loss_and_grads`, from k microbatches (see the module docstring)."""
     k = self.grad_accum_steps
     n = batch["full_ids"].shape[0]
+    # A packed batch's image rows (data.image_budget) are shared across its examples: the vision tower
+    # encodes them once, before the microbatches; pass 2 sums each microbatch's gradient in those features
+    # and one backward pass through the tower ends the step.
+    packed = "image_index" in batch
+    shared = {name: batch[name] for name in ("images", "pixel_lut") if packed and name in batch}
+    rows, rows_vjp = None, None
+    if packed:
+      def encode_rows(params):  # the key k is no microbatch's: the tower's own (LoRA dropout, if any)
+        return self._model(params, state.frozen, self._dropout_key(state.step, k)).image_rows(
+            shared["images"], shared.get("pixel_lut"))
+      rows, rows_vjp = jax.vjp(encode_rows, state.params)
     # Microbatch j is rows j, j + k, j + 2k, ...: a batch sharded in row blocks stays sharded over
     # every device in each microbatch.
-    if "image_index" in batch:
-      raise ValueError("packed image batches (data.image_budget > 0) share image rows across examples, which "
-                       "microbatches (train.grad_accum_steps > 1) cannot split")
-    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((n // k, k) + x.shape[1:]), 0, 1), batch)
+    examples = {name: x for name, x in batch.items() if name not in shared}
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((n // k, k) + x.shape[1:]), 0, 1), examples)
     weights = self.weights
     count = losses.nig_count(batch["nig_weights"])
 
     # Each microbatch spread over the data-parallel devices, where its size divides over them.
     spread = (n // k) % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]) == 0
 
-    def forward(params, mb, j):
+    def forward(params, mb, j, rows):
       if spread:
         mb = jax.tree.map(lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
       model = self._model(params, state.frozen, self._dropout_key(state.step, j))
-      out = model.train_outputs(mb)
+      out = model.train_outputs(mb, row_feats=rows)
       nll, correct = losses.nig_sums(out["nig_logits"], mb["nig_labels"], mb["nig_weights"])
       return {name: out[name] for name in losses.EMBEDDINGS}, nll, correct
 
     def embed(_, xs):
       mb, j = xs
-      return None, forward(state.params, mb, j)
+      return None, forward(state.params, mb, j, rows)
 
     steps = jnp.arange(k)
     _, (emb, nll, correct) = jax.lax.scan(embed, None, (micro, steps))
@@ -194,14 +206,19 @@ class Trainer:
     emb_grads = jax.tree.map(lambda g: jnp.swapaxes(g.reshape((n // k, k) + g.shape[1:]), 0, 1), emb_grads)
     nig_cotangent = jnp.asarray(weights.nig, jnp.float32) / count
 
-    def backward(grads, xs):
+    def backward(carry, xs):
+      grads, d_rows = carry
       mb, j, cot = xs
-      _, vjp = jax.vjp(lambda p: forward(p, mb, j)[:2], state.params)
-      (g,) = vjp((cot, nig_cotangent))
-      return jax.tree.map(jnp.add, grads, g), None
+      _, vjp = jax.vjp(lambda p, r: forward(p, mb, j, r)[:2], state.params, rows)
+      g, dr = vjp((cot, nig_cotangent))
+      return (jax.tree.map(jnp.add, grads, g), None if rows is None else d_rows + dr), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, _ = jax.lax.scan(backward, zeros, (micro, steps, emb_grads))
+    (grads, d_rows), _ = jax.lax.scan(backward, (zeros, None if rows is None else jnp.zeros_like(rows)),
+                                      (micro, steps, emb_grads))
+    if rows_vjp is not None:
+      (g,) = rows_vjp(d_rows)
+      grads = jax.tree.map(jnp.add, grads, g)
     nig = nll.sum() / count
     loss = weights.nig * nig + contrastive
     return {"loss": loss, "nig": nig, "l_tt": metrics["l_tt"], "l_ut": metrics["l_ut"],
