@@ -20,7 +20,15 @@ def runs(tmp_path_factory):
   proc = subprocess.run([sys.executable, "-m", "tests.sharded_training", str(tmp_path_factory.mktemp("shard"))],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return {**json.loads(proc.stdout.strip().splitlines()[-1]), "stderr": proc.stderr}
+
+
+def test_no_activation_is_resharded_by_replication(runs):
+  # GSPMD warns when it can only reshard an array by replicating it. The embedding lookup (table features
+  # sharded over fsdp) and the image-feature merge (a gather across examples) did this to whole
+  # (batch, length, features) activations until both were given replicated tables.
+  lines = [line for line in runs["stderr"].splitlines() if "Involuntary full rematerialization" in line]
+  assert not lines, "\n".join(line[:400] for line in lines[:5])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

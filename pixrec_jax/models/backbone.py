@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pixrec_jax import sharding
 from pixrec_jax.models import layers
 from pixrec_jax.models.config import BackboneConfig, Runtime
 from pixrec_jax.models.gemma2 import Gemma2Model
@@ -93,7 +94,11 @@ def merge_image_features(input_ids: jax.Array, text_embeds: jax.Array, image_fea
   """
   b, s, d = text_embeds.shape
   n, t, _ = image_features.shape
-  flat = image_features.reshape(n * t, d).astype(text_embeds.dtype)
+  # Any token may take any image's row, so every device holds the (small) feature table whole: the lookup
+  # is then local to each device's tokens and its gradient a sum over devices. Left to itself, GSPMD shards
+  # the table's features and reshards the (much larger) token activations around the lookup by
+  # replicating them ("involuntary full rematerialization" on a data x fsdp mesh).
+  flat = sharding.constrain(image_features.reshape(n * t, d).astype(text_embeds.dtype), (None, None))
   row_valid = jnp.repeat(image_valid.astype(bool), t)
   (valid_rows,) = jnp.nonzero(row_valid, size=n * t, fill_value=0)
   is_image = (input_ids == image_token_id).reshape(-1)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixrec_jax import sharding
 from pixrec_jax.models import flash
 
 Axes = tuple[str | None, ...]
@@ -116,7 +117,10 @@ class Embed(nnx.Module):
     self.embedding = param(rngs, nnx.initializers.normal(init_std), (num_embeddings, features), param_dtype, axes)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    table = self.embedding[...]
+    # The table whole on every device for the lookup, as FSDP gathers any weight at use: the looked-up rows
+    # then come out sharded like the ids (by batch). With the table's features sharded (fsdp), GSPMD would
+    # instead reshard the (batch, length, features) result by replicating it.
+    table = sharding.constrain(self.embedding[...], (None, None))
     x = jnp.take(table, ids, axis=0)
     if self.scale is not None:
       x = x * jnp.asarray(self.scale, jnp.float32).astype(table.dtype)
