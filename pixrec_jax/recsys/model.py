@@ -89,16 +89,12 @@ class PixRec(nnx.Module):
     uint8 images with `lut` (3, 256): the pixels are lut[channel, value]."""
     if index is not None:
       return self.image_rows(images, lut)[index]
-    if lut is not None:
-      images = decode_pixels(images, lut)
-    elif images.dtype == jnp.uint8:
-      raise ValueError("uint8 images need their pixel_lut (data.images.pixel_lut) to become the tower's floats")
     b, m = images.shape[:2]
-    feats = self.backbone.image_features(images.reshape((b * m,) + images.shape[2:]))
+    feats = self.image_rows(images.reshape((b * m,) + images.shape[2:]), lut)
     return feats.reshape((b, m) + feats.shape[1:])
 
   def image_rows(self, images: jax.Array, lut: jax.Array | None = None) -> jax.Array:
-    """Packed rows (U, C, H, W) -> (U, T, D): each row's language-model tokens (uint8 rows with `lut`)."""
+    """Rows (U, C, H, W) -> (U, T, D): each image row's language-model tokens (uint8 rows with `lut`)."""
     if lut is not None:
       images = decode_pixels(images, lut)
     elif images.dtype == jnp.uint8:
