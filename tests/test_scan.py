@@ -176,3 +176,23 @@ def test_checkpoints_restore_into_the_other_layer_layout(tmp_path):
     # Each array lands on the sharding the reader's train step expects.
     assert all(x.sharding == a.sharding for x, a in zip(jax.tree.leaves(restored.state),
                                                           jax.tree.leaves(reader.abstract_state)))
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_fused_attention_under_scan_and_remat_equals_xla(remat):
+  """attention="pallas" (custom VJP over Pallas kernels; the interpreter on CPU) inside scanned,
+  rematerialised layers: forward and every gradient equal looped XLA attention's."""
+  cfg = _config("paligemma")  # soft-capped, sliding and full layers
+  ids, pixels = _inputs(cfg)
+  looped = Backbone(cfg, Runtime(), rngs=nnx.Rngs(0))
+  fused = Backbone(cfg, Runtime(attention="pallas", scan_layers=True, remat=remat), rngs=nnx.Rngs(0))
+  loss, hidden, grads = _loss_and_grads(looped, ids, pixels)
+  f_loss, f_hidden, f_grads = _loss_and_grads(fused, ids, pixels)
+  close = lambda got, want, what: np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4,
+                                                             atol=1e-5, err_msg=what)
+  close(f_hidden, hidden, "last hidden state")
+  close(f_loss, loss, "loss")
+  want, got = _flat(grads), _flat(scan.to_layout(f_grads, grads))
+  assert set(got) == set(want)
+  for name in want:
+    close(got[name], want[name], f"gradient {name}")
