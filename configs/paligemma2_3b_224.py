@@ -10,6 +10,9 @@ causal throughout: PaliGemma's bidirectional prefix (token_type_ids) is not used
   python -m pixrec_jax.main --config configs/paligemma2_3b_224.py:paper \
       --config.model.path=/models/paligemma2-3b-pt-224 --config.data.source=dataset --config.data.path=DATA
   python -m pixrec_jax.main --config configs/paligemma2_3b_224.py --config.train.steps=20  # random init
+
+On GPUs, --config.model.attention=pallas runs the fused soft-capping attention kernels
+(pixrec_jax/models/flash.py) in place of XLA's; exact, not yet timed on a GPU (BENCHMARKS.md).
 """
 
 import pathlib
