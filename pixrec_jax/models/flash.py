@@ -22,13 +22,16 @@ head and summed over the group. Inputs of any float dtype are multiplied in thei
 dtype and accumulated in float32 (the probabilities and dS are rounded to the
 value dtype before their matmuls, as flash kernels and `layers.einsum_f32` do).
 
-A query row with no allowed key returns finite values (a uniform average, as the
-XLA path) instead of NaN; callers never read those rows.
+With `causal=True` (the models pass it under `causal_blocks > 1`, their promise
+that the mask is causal) each query block reads only the key blocks up to its own
+end, and each key block's backward starts at its first query block: about half the
+work. A query row with no allowed key returns finite values (a uniform average of
+the values, as the XLA path) instead of NaN; callers never read those rows.
 
 The kernels target Triton through Pallas (GPU). Elsewhere they run in Pallas's
-interpreter, which the tests use to check them against `layers.attention` on CPU;
-that is exact but slow, so the model refuses `attention="pallas"` on TPU and only
-the tests and `interpret=True` run it off a GPU.
+interpreter, exact but slow, which the tests use to check them against
+`layers.attention` on CPU: the models run `attention="pallas"` that way on a CPU
+(with a warning) and refuse it on TPU.
 """
 
 from __future__ import annotations
