@@ -67,8 +67,20 @@ def _flat(state):
   return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
 
 
-def _assert_close(got, want, what):
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=RTOL, atol=ATOL, err_msg=what)
+def _assert_close(got, want, what, rtol=RTOL, atol=ATOL):
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=rtol, atol=atol, err_msg=what)
+
+
+def _assert_same_outputs_and_gradients(model, reference, ids, pixels, rtol=RTOL, atol=ATOL):
+  """`model` (any layer layout) gives `reference`'s last hidden state, loss and every parameter gradient."""
+  loss, hidden, grads = _loss_and_grads(reference, ids, pixels)
+  m_loss, m_hidden, m_grads = _loss_and_grads(model, ids, pixels)
+  _assert_close(m_hidden, hidden, "last hidden state", rtol, atol)
+  _assert_close(m_loss, loss, "loss", rtol, atol)
+  want, got = _flat(grads), _flat(scan.to_layout(m_grads, grads))
+  assert set(got) == set(want)
+  for name in want:
+    _assert_close(got[name], want[name], f"gradient {name}", rtol, atol)
 
 
 # family -> (looped remat, scanned remat): every pair rematerialises on one side at least,
@@ -85,14 +97,7 @@ def test_scanned_and_remat_equal_looped_forward_and_gradients(family):
   looped = Backbone(cfg, Runtime(remat=looped_remat), rngs=nnx.Rngs(0))
   scanned = Backbone(cfg, Runtime(scan_layers=True, remat=scanned_remat), rngs=nnx.Rngs(0))
   assert scan.is_scanned(nnx.state(scanned)) and not scan.is_scanned(nnx.state(looped))
-  loss, hidden, grads = _loss_and_grads(looped, ids, pixels)
-  s_loss, s_hidden, s_grads = _loss_and_grads(scanned, ids, pixels)
-  _assert_close(s_hidden, hidden, "last hidden state")
-  _assert_close(s_loss, loss, "loss")
-  want, got = _flat(grads), _flat(scan.to_layout(s_grads, grads))
-  assert set(got) == set(want)
-  for name in want:
-    _assert_close(got[name], want[name], f"gradient {name}")
+  _assert_same_outputs_and_gradients(scanned, looped, ids, pixels)
 
 
 def test_unknown_remat_policy_names_the_valid_ones():
@@ -186,13 +191,4 @@ def test_fused_attention_under_scan_and_remat_equals_xla(remat):
   ids, pixels = _inputs(cfg)
   looped = Backbone(cfg, Runtime(), rngs=nnx.Rngs(0))
   fused = Backbone(cfg, Runtime(attention="pallas", scan_layers=True, remat=remat), rngs=nnx.Rngs(0))
-  loss, hidden, grads = _loss_and_grads(looped, ids, pixels)
-  f_loss, f_hidden, f_grads = _loss_and_grads(fused, ids, pixels)
-  close = lambda got, want, what: np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4,
-                                                             atol=1e-5, err_msg=what)
-  close(f_hidden, hidden, "last hidden state")
-  close(f_loss, loss, "loss")
-  want, got = _flat(grads), _flat(scan.to_layout(f_grads, grads))
-  assert set(got) == set(want)
-  for name in want:
-    close(got[name], want[name], f"gradient {name}")
+  _assert_same_outputs_and_gradients(fused, looped, ids, pixels, rtol=1e-4, atol=1e-5)
