@@ -195,7 +195,7 @@ def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
 class _Plan:
   """Static shapes of one call: padded lengths, blocks, grouping, and the BlockSpecs they give."""
 
-  def __init__(self, q_shape, k_shape, mask_batch, interpret, causal, blocks=(None, None), num_warps=None):
+  def __init__(self, q_shape, k_shape, mask_shape, interpret, causal, blocks=(None, None), num_warps=None):
     b, t, n, h = q_shape
     s, kv = k_shape[1], k_shape[2]
     if n % kv:
@@ -214,13 +214,23 @@ class _Plan:
     self.num_warps = num_warps
     self.tp = -(-t // self.block_q) * self.block_q
     self.sp = -(-s // self.block_k) * self.block_k
-    self.mask_batch = mask_batch
+    self.mask_shape = mask_shape  # the caller's mask's shape (None: no mask), for its (zero) cotangent
+    self.mask_batch = 1 if mask_shape is None else mask_shape[0]
     self.interpret = interpret
 
   def call(self, kernel, grid, in_specs, out_specs, out_shape, name):
     kwargs = {} if self.interpret else dict(compiler_params=_compiler_params(self.hp, self.num_warps))
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                           interpret=self.interpret, name=name, **kwargs)
+
+  def query_blocks(self):
+    """(block_q, Hp) of one query head for grid point (query block, b, n): q, dO, out, dQ."""
+    return pl.BlockSpec((None, self.block_q, None, self.hp), lambda i, b, n: (b, i, n, 0))
+
+  def all_keys(self):
+    """(Sp, Hp) of query head n's key/value head for grid point (query block, b, n)."""
+    g = self.groups
+    return pl.BlockSpec((None, self.sp, None, self.hp), lambda i, b, n: (b, 0, n // g, 0))
 
   def mask_spec(self, rows: int, by_query_block: bool):
     """The mask's (rows, Sp) or (Tp, block_k) block for grid point (block, b, n)."""
@@ -243,9 +253,8 @@ def _prepare(q, k, v, mask, plan: _Plan):
 
 def _forward(q, k, v, mask, plan: _Plan, scale, softcap):
   """(out (B, Tp, N, Hp), lse (B, N, Tp)) on padded inputs."""
-  bq, g = plan.block_q, plan.groups
-  q_spec = pl.BlockSpec((None, bq, None, plan.hp), lambda i, b, n: (b, i, n, 0))
-  kv_spec = pl.BlockSpec((None, plan.sp, None, plan.hp), lambda i, b, n: (b, 0, n // g, 0))
+  bq = plan.block_q
+  q_spec, kv_spec = plan.query_blocks(), plan.all_keys()
   in_specs = [q_spec, kv_spec, kv_spec] + ([plan.mask_spec(bq, True)] if mask is not None else [])
   kernel = functools.partial(_fwd_kernel, scale=scale, softcap=softcap, block_k=plan.block_k, kv_len=plan.s,
                              has_mask=mask is not None, causal=plan.causal)
@@ -276,8 +285,7 @@ def _backward(q, k, v, mask, out, lse, dout, plan: _Plan, scale, softcap):
   dv = dv.reshape(plan.b, plan.sp, plan.kv, g, plan.hp).sum(3).astype(v.dtype)
 
   # dQ: one program per (query block, batch, query head), looping over all key blocks.
-  q_block = pl.BlockSpec((None, bq, None, plan.hp), lambda i, b, n: (b, i, n, 0))
-  kv_all = pl.BlockSpec((None, plan.sp, None, plan.hp), lambda i, b, n: (b, 0, n // g, 0))
+  q_block, kv_all = plan.query_blocks(), plan.all_keys()
   row_block = pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i))
   in_specs = [q_block, kv_all, kv_all, q_block, row_block, row_block] + ([plan.mask_spec(bq, True)] if has_mask else [])
   dq = plan.call(functools.partial(_dq_kernel, block_k=bk, **common), (plan.tp // bq, plan.b, plan.n), in_specs,
@@ -302,7 +310,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     if mask.ndim != 4 or mask.shape[1] != 1:
       raise ValueError(f"flash attention: mask must be (B or 1, 1, T or 1, S), got {mask.shape}")
     mask = mask.astype(bool)
-  plan = _Plan(q.shape, k.shape, 1 if mask is None else mask.shape[0], interpret, causal, (block_q, block_k),
+  plan = _Plan(q.shape, k.shape, None if mask is None else mask.shape, interpret, causal, (block_q, block_k),
                num_warps)
   return _flash(q, k, v, mask, plan, float(scale), None if softcap is None else float(softcap))
 
@@ -315,14 +323,14 @@ def _flash(q, k, v, mask, plan, scale, softcap):
 def _flash_fwd(q, k, v, mask, plan, scale, softcap):
   qp, kp, vp, mp = _prepare(q, k, v, mask, plan)
   out, lse = _forward(qp, kp, vp, mp, plan, scale, softcap)
-  return out[:, :plan.t, :, :plan.h], (qp, kp, vp, mp, out, lse, mask)
+  return out[:, :plan.t, :, :plan.h], (qp, kp, vp, mp, out, lse)  # the padded int8 mask, not the caller's too
 
 
 def _flash_bwd(plan, scale, softcap, residuals, dout):
-  qp, kp, vp, mp, out, lse, mask = residuals
+  qp, kp, vp, mp, out, lse = residuals
   doutp = _pad_to(_pad_to(dout, 1, plan.tp), 3, plan.hp)
   dq, dk, dv = _backward(qp, kp, vp, mp, out, lse, doutp, plan, scale, softcap)
-  dmask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
+  dmask = None if plan.mask_shape is None else np.zeros(plan.mask_shape, jax.dtypes.float0)
   return dq[:, :plan.t, :, :plan.h], dk[:, :plan.s, :, :plan.h], dv[:, :plan.s, :, :plan.h], dmask
 
 
