@@ -23,6 +23,8 @@
 #              unless PALIGEMMA_PALLAS_REMAT says (the fused kernels keep no (T, T) tensors)
 #   attention  bench/attention.py: one attention layer forward + backward, xla / pallas / cudnn, each checked
 #              against XLA's on the GPU first, at PaliGemma 2 3B's and SmolVLM-256M's decoder shapes
+#   smolvlm_packed[@B], paligemma_packed[@B]  the same with the full prompts packed into the fewest rows
+#              they fit (data.pack_rows; --pack-rows auto), compared with the plain item's PyTorch reference
 #   smolvlm_loop  smolvlm with its layers unrolled (model.scan_layers=False), no PyTorch run of its own
 #   loader     bench/loader_vs_step.py: the training input pipeline alone at the smolvlm shapes
 #              ($LOADER_WORKERS worker processes), against the examples/s of this run's smolvlm step
@@ -152,6 +154,18 @@ for item in $ITEMS; do
         --warmup 2 --rounds 3 --steps 3 --config.model.dtype=bfloat16 --config.model.attention=pallas \
         --scan-layers --remat="$PALIGEMMA_PALLAS_REMAT" $resident $(profile_args "$item") $EXTRA
       keep_profile "$item" ;;
+    smolvlm_packed|smolvlm_packed@*)
+      # The full prompts packed into the fewest rows they fit (data.pack_rows; the reference pads a row each).
+      b=$(batch_of "$item" "$SMOLVLM_BATCH")
+      budget=$((SMOLVLM_BUDGET * b / SMOLVLM_BATCH))
+      smolvlm_step "$item" 150 cudnn --scan-layers --pack-rows auto
+      keep_profile "$item" ;;
+    paligemma_packed|paligemma_packed@*)
+      b=$(batch_of "$item" "$PALIGEMMA_BATCH")
+      run "$item" 190 "$PY" bench/train_step.py --config configs/paligemma2_3b_224.py --batch "$b" \
+        --warmup 2 --rounds 3 --steps 3 --config.model.dtype=bfloat16 --config.model.attention=xla --pack-rows auto \
+        --scan-layers --remat="$PALIGEMMA_REMAT" $resident $(profile_args "$item") $EXTRA
+      keep_profile "$item" ;;
     attention)
       # The default tiles, then a sweep (a tile that does not build is reported and skipped).
       run attention_paligemma 150 "$PY" bench/attention.py --batch "$PALIGEMMA_BATCH" \
@@ -166,7 +180,8 @@ r=[x['examples_per_s'] for x in r if x['item'].startswith('smolvlm') and 'exampl
         --step-examples-per-s "$rate" --batches 40 --config.train.batch_size="$SMOLVLM_BATCH" \
         --config.data.image_budget="$SMOLVLM_BUDGET" --config.data.num_workers="$LOADER_WORKERS" \
         --workdir "$SPECS/loader" ;;
-    *) echo "unknown item $item (demo smolvlm[@B] smolvlm_loop paligemma[@B] paligemma_pallas[@B] attention loader)" ;;
+    *) echo "unknown item $item (demo smolvlm[@B] smolvlm_loop smolvlm_packed[@B] paligemma[@B] paligemma_pallas[@B]" \
+            "paligemma_packed[@B] attention loader)" ;;
   esac
 done
 
@@ -193,7 +208,8 @@ for name, r in rows.items():
           f"{r.get('loader_over_step')}x the step's {r.get('train_steps_per_s')} steps/s")
     summary[name] = r
     continue
-  theirs = rows.get(name.replace("_xla", "").replace("_loop", "").replace("_pallas", "") + "_torch", {})
+  theirs = rows.get(name.replace("_xla", "").replace("_loop", "").replace("_pallas", "").replace("_packed", "")
+                    + "_torch", {})
   ratio = None
   if r.get("examples_per_s") and theirs.get("torch_examples_per_s"):
     ratio = round(r["examples_per_s"] / theirs["torch_examples_per_s"], 3)

@@ -16,6 +16,10 @@ reports ours / theirs. The last line is one JSON object of the figures.
 
   python bench/train_step.py --config configs/demo.py --batch 32 --torch
   python bench/train_step.py --config configs/smolvlm_256m.py --batch 16 --config.model.attention=cudnn
+  python bench/train_step.py --config configs/demo.py --config.data.pack_rows=24 --torch
+
+`--config.data.pack_rows=R` packs the batch's full prompts into R rows (pixrec_jax/data/packing.py); the
+PyTorch reference still runs a row per prompt, as the paper's code does.
 """
 
 from __future__ import annotations
@@ -216,6 +220,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--warmup", type=int, default=2, help="steps before timing (the first compiles)")
   parser.add_argument("--item-tokens", type=int, default=ITEM_TOKENS, help="text tokens per item")
   parser.add_argument("--platform", default="", help="jax platform (cpu, gpu, tpu); default: jax's choice")
+  parser.add_argument("--pack-rows", default="", help="pack the full prompts into this many rows (as "
+                      "--config.data.pack_rows); auto: the fewest this batch's prompts fit")
   parser.add_argument("--spec-out", default="", help="write the batch and settings for bench/torch_reference.py")
   parser.add_argument("--torch", action="store_true", help="run bench/torch_reference.py after ours, print the ratio")
   parser.add_argument("--scan-layers", action="store_true", help="scan over layers, where this tree's Runtime can")
@@ -240,6 +246,20 @@ def main(argv=None) -> dict:
   image_budget = 0 if text_only else cfg.data.get("image_budget", 0)
   batch = synthetic_batch(layout, batch=batch_size, vocab=bcfg.text.vocab_size,
                           image_token=bcfg.image_token_id or 0, seed=cfg.seed, image_budget=image_budget)
+  plain_batch = batch  # what the PyTorch reference runs: a row per prompt, as the paper's code pads them
+  pack_rows = cfg.data.get("pack_rows", 0)
+  if args.pack_rows:
+    from pixrec_jax.data import packing  # pylint: disable=import-outside-toplevel
+    pack_rows = (packing.fewest_rows(batch["full_mask"].sum(axis=1), layout.seq_len) if args.pack_rows == "auto"
+                 else int(args.pack_rows))
+  if pack_rows:
+    from pixrec_jax.data import packing  # pylint: disable=import-outside-toplevel
+    lengths = batch["full_mask"].sum(axis=1)
+    plan = packing.plan_rows(lengths, pack_rows, layout.seq_len)
+    if plan is None:
+      raise ValueError(f"data.pack_rows={pack_rows} rows cannot hold this batch's prompts; it needs "
+                       f"{packing.fewest_rows(lengths, layout.seq_len)}")
+    batch = packing.pack_rows(batch, plan)
   from pixrec_jax.models.config import Runtime  # pylint: disable=import-outside-toplevel
   known = {f.name for f in dataclasses.fields(Runtime)}
   runtime = {k: v for k, v in (("scan_layers", args.scan_layers or None), ("remat", args.remat or None)) if v}
@@ -280,14 +300,14 @@ def main(argv=None) -> dict:
   loss = float(jax.device_get(metrics[0]["loss"]))
   n_dev = trainer.mesh.size
   kind = jax.devices()[0].device_kind
-  shapes = flops.step_shapes(layout, batch_size, images=image_budget or None)
+  shapes = flops.step_shapes(layout, batch_size, images=image_budget or None, full_rows=pack_rows or None)
   count = flops.train_flops(bcfg, shapes, proj_dim=cfg.pixrec.proj_dim, trainable=cfg.train.trainable,
                             text_only=text_only)
   util = flops.mfu(count["total"], step_s, n_dev, kind)
   result = {
       "bench": "train_step", "config": args.config, "device": kind, "num_devices": n_dev, "platform":
       jax.devices()[0].platform, "batch": batch_size, "seq_len": layout.seq_len, "item_len": layout.item_len,
-      "images_per_step": shapes.images, "image_budget": image_budget, "dtype": rt.dtype, "attention": rt.attention,
+      "images_per_step": shapes.images, "image_budget": image_budget, "pack_rows": pack_rows, "dtype": rt.dtype, "attention": rt.attention,
       "runtime": dataclasses.asdict(rt), "trainable": cfg.train.trainable, "step_s": round(step_s, 5),
       "warmup_s": round(warm_s, 1), "cpu_s_per_step": round(cpu_s, 4), "examples_per_s": round(batch_size / step_s, 3),
       "tflop_per_step": round(count["total"] / 1e12, 4), "tflops_per_device": round(util["tflops_per_device"], 3),
@@ -296,14 +316,15 @@ def main(argv=None) -> dict:
   if resident_s is not None:
     result["resident_examples_per_s"] = round(batch_size / resident_s, 3)
     print(f"on a device-resident batch: {resident_s * 1e3:.1f} ms, {result['resident_examples_per_s']:.2f} examples/s")
-  print(f"{args.config}: batch {batch_size}, seq {layout.seq_len}/{layout.item_len}, {shapes.images} images/step, "
+  print(f"{args.config}: batch {batch_size}" + (f" in {pack_rows} packed rows" if pack_rows else "")
+        + f", seq {layout.seq_len}/{layout.item_len}, {shapes.images} images/step, "
         f"{rt.dtype} compute, {rt.attention} attention on {n_dev} x {kind}")
   print(f"step {step_s * 1e3:.1f} ms (median of {args.rounds} x {args.steps}), {result['examples_per_s']:.2f} "
         f"examples/s, {result['tflops_per_device']:.2f} TFLOP/s per device"
         + ("" if util["mfu"] is None else f", MFU {util['mfu']:.1%}"))
   if args.spec_out or args.torch:
     spec_dir = pathlib.Path(args.spec_out or tempfile.mkdtemp(prefix="pixrec_torch_ref_"))
-    write_spec(spec_dir, cfg, bcfg, batch, text_only, args, result)
+    write_spec(spec_dir, cfg, bcfg, plain_batch, text_only, args, result)
     if args.torch:
       del state[0], metrics[0]
       script = pathlib.Path(__file__).with_name("torch_reference.py")

@@ -68,6 +68,10 @@ def get_config(arg=None):
   # skips empty slots and repeats; a batch with more drops its longest histories' oldest items (counted).
   # About batch_size * (max_history + 3) / 2 * 1.2 tiles (one per image); 0: every slot, B * (max_history + 1).
   c.data.image_budget = 0
+  # > 0: the full prompts are packed end to end into this many rows per global batch (data/packing.py): the
+  # decoder skips the padding of short histories. A batch that does not fit drops its longest prompts' oldest
+  # items (counted). About batch_size * (mean prompt length / seq_len) * 1.15; 0: a row per example.
+  c.data.pack_rows = 0
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 650

@@ -71,14 +71,16 @@ class StepShapes:
   item_len: int  # an item read alone
   nig_tokens: int  # K: next-item positions the LM head reads per example
   images: int  # image rows the vision tower encodes per step (0: text-only)
+  full_rows: int = 0  # rows of seq_len the full pass reads: packed prompts (data.pack_rows); 0: one per example
 
 
-def step_shapes(layout, batch: int, images: int | None = None) -> StepShapes:
-  """StepShapes of an `examples.Layout`; `images` defaults to every image slot of the batch."""
+def step_shapes(layout, batch: int, images: int | None = None, full_rows: int | None = None) -> StepShapes:
+  """StepShapes of an `examples.Layout`; `images` defaults to every image slot of the batch, `full_rows`
+  to one row per example."""
   if images is None:
     images = 0 if layout.text_only else batch * (layout.max_history + 1) * layout.image_slots
   return StepShapes(batch=batch, seq_len=layout.seq_len, item_len=layout.item_len,
-                    nig_tokens=layout.max_item_tokens, images=images)
+                    nig_tokens=layout.max_item_tokens, images=images, full_rows=full_rows or 0)
 
 
 # Parts in the order gradients flow back through them (first = nearest the input).
@@ -145,7 +147,7 @@ def train_flops(cfg: BackboneConfig, shapes: StepShapes, *, proj_dim: int, train
                               "connector")
     before = before or "connector" in trains
   before = before or "embed" in trains
-  fw, fa = _decoder_forward(cfg, b, shapes.seq_len)
+  fw, fa = _decoder_forward(cfg, shapes.full_rows or b, shapes.seq_len)
   iw, ia = _decoder_forward(cfg, b, shapes.item_len)
   # Strictly, the first layer's q/k/v input gradient needs a trained part before the decoder; in every
   # train.trainable mode the decoder trains only together with the embeddings, so this is exact.

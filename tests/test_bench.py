@@ -116,3 +116,24 @@ def test_attention_bench_reports_each_kernel_against_xla(capsys):
   assert set(diffs) == {"out", "dq", "dk", "dv"} and max(diffs.values()) < 1e-5, diffs
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert json.loads(last) == json.loads(json.dumps(result))
+
+
+def test_packed_prompts_take_the_fewest_rows_and_count_their_flops():
+  """--pack-rows auto packs the synthetic batch's prompts (as data.pack_rows) into the fewest rows they fit,
+  and the FLOP count is that of those rows, not of a row per example."""
+  from pixrec_jax import flops
+  from pixrec_jax.data import packing
+
+  args = ["--config", "configs/demo.py:text_only", "--config.model.text.num_hidden_layers=1", "--batch", "8",
+          "--warmup", "1", "--rounds", "1", "--steps", "1"]
+  packed = train_step.main(args + ["--pack-rows", "auto"])
+  cfg, _ = config_lib.parse_args(["--config", "configs/demo.py:text_only", "--config.model.text.num_hidden_layers=1"])
+  bcfg = train_step.backbone_config(cfg)
+  layout = train_step.layout_for(bcfg, max_history=cfg.data.max_history, text_only=True)
+  lengths = train_step.synthetic_batch(layout, batch=8, vocab=bcfg.text.vocab_size, image_token=0)["full_mask"].sum(1)
+  assert packed["pack_rows"] == packing.fewest_rows(lengths, layout.seq_len) < 8
+  plain = flops.train_flops(bcfg, flops.step_shapes(layout, 8), proj_dim=cfg.pixrec.proj_dim, text_only=True)
+  rows = flops.train_flops(bcfg, flops.step_shapes(layout, 8, full_rows=packed["pack_rows"]),
+                           proj_dim=cfg.pixrec.proj_dim, text_only=True)
+  assert rows["decoder_full"] == plain["decoder_full"] * packed["pack_rows"] / 8
+  assert rows["decoder_item"] == plain["decoder_item"] and np.isfinite(packed["loss"])

@@ -23,7 +23,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from pixrec_jax.data import images
+from pixrec_jax.data import images, packing
 from pixrec_jax.data.examples import PromptBuilder
 
 
@@ -111,38 +111,54 @@ def pack_images(batch: dict[str, np.ndarray], slot_tiles: list[list[tuple[int, i
 
 
 class _BuildTrainBatch(grain.transforms.Map):
-  """Stacks a batch's examples; with an image budget, packs their images (pack_images), first
-  dropping the oldest history item of the example showing most tiles until the distinct tiles fit."""
+  """Stacks a batch's examples. With an image budget it packs their images (pack_images), with a row
+  budget their full prompts (packing.pack_rows); first, while the distinct tiles or the prompts do not
+  fit, it drops the oldest history item of the example showing most tiles (or with the longest prompt),
+  counted in `dropped_history`."""
 
-  def __init__(self, builder: PromptBuilder, image_budget: int = 0, row_offset: int = 0):
+  def __init__(self, builder: PromptBuilder, image_budget: int = 0, row_offset: int = 0, pack_rows: int = 0,
+               pack_row_offset: int = 0):
     self.build = _BuildTrainExample(builder, pixels=not image_budget)
     self.builder = builder
     self.image_budget = image_budget
     self.row_offset = row_offset
+    self.pack_rows = pack_rows
+    self.pack_row_offset = pack_row_offset
 
   def map(self, windows: list[Window]) -> dict[str, np.ndarray]:
     windows = list(windows)
     examples = [self.build.map(w) for w in windows]
-    if self.image_budget:
-      extra = [0] * len(windows)  # history items dropped here, beyond the prompt's own drops
-      while True:
+    extra = [0] * len(windows)  # history items dropped here, beyond the prompt's own drops
+    seq_len = self.builder.layout.seq_len
+    while True:
+      tiles, plan = None, None
+      if self.image_budget:
         tiles = [_slot_tiles(self.builder, w.history, w.target, int(e["dropped_history"]))
                  for w, e in zip(windows, examples)]
-        if len({key for t in tiles for key in t}) <= self.image_budget:
-          break
-        b = max(range(len(windows)), key=lambda j: (len(tiles[j]), -j))
-        if len(windows[b].history) <= 1:
-          raise ValueError(f"data.image_budget={self.image_budget} is too small for a batch of "
-                           f"{len(windows)} targets with their images")
-        w = windows[b]
-        windows[b] = Window(w.user_index, w.history[1:], w.target)
-        extra[b] += 1
-        examples[b] = self.build.map(windows[b])
-      for e, n in zip(examples, extra):
-        e["dropped_history"] = np.int32(e["dropped_history"] + n)
+        size = [len(t) for t in tiles]
+        fits = len({key for t in tiles for key in t}) <= self.image_budget
+        what = f"data.image_budget={self.image_budget}"
+      if self.pack_rows and (not self.image_budget or fits):
+        lengths = [int(e["full_mask"].sum()) for e in examples]
+        plan = packing.plan_rows(lengths, self.pack_rows, seq_len)
+        fits, size, what = plan is not None, lengths, f"data.pack_rows={self.pack_rows}"
+      if not (self.image_budget or self.pack_rows) or fits:
+        break
+      shorter = [j for j in range(len(windows)) if len(windows[j].history) > 1]
+      if not shorter:
+        raise ValueError(f"{what} is too small for a batch of {len(windows)} targets, each with one history item")
+      b = max(shorter, key=lambda j: (size[j], -j))
+      w = windows[b]
+      windows[b] = Window(w.user_index, w.history[1:], w.target)
+      extra[b] += 1
+      examples[b] = self.build.map(windows[b])
+    for e, n in zip(examples, extra):
+      e["dropped_history"] = np.int32(e["dropped_history"] + n)
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
     if self.image_budget:
       batch = pack_images(batch, tiles, self.image_budget, self.builder.images, self.row_offset)
+    if plan is not None:
+      batch = packing.pack_rows(batch, plan, self.pack_row_offset)
     return batch
 
 
@@ -170,10 +186,11 @@ def split_bookkeeping(batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
 
 def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, *, batch_size: int, seed: int,
                   shard_index: int = 0, shard_count: int = 1, num_workers: int = 0,
-                  prefetch_buffer: int = 4, image_budget: int = 0) -> grain.IterDataset:
+                  prefetch_buffer: int = 4, image_budget: int = 0, pack_rows: int = 0) -> grain.IterDataset:
   """An infinite iterator of training batches for host `shard_index` of `shard_count`
   (batch_size is per host). image_budget > 0 (per host): each batch carries its distinct
-  image tiles once, in that many rows (pack_images).
+  image tiles once, in that many rows (pack_images). pack_rows > 0 (per host): the full
+  prompts are packed into that many rows (packing.pack_rows).
 
   `train` holds (user index, training sequence) pairs, as `catalog.leave_one_out` gives them.
   """
@@ -192,7 +209,8 @@ def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilde
   ds = ds.batch(batch_size, batch_fn=list)[shard_index::shard_count]
   if image_budget and builder.layout.text_only:
     raise ValueError("data.image_budget is set but the prompts have no images")
-  ds = ds.map(_BuildTrainBatch(builder, image_budget, row_offset=shard_index * image_budget))
+  ds = ds.map(_BuildTrainBatch(builder, image_budget, row_offset=shard_index * image_budget, pack_rows=pack_rows,
+                               pack_row_offset=shard_index * pack_rows))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if num_workers else 1, prefetch_buffer_size=prefetch_buffer))
   if num_workers > 0:
     check_shared_memory(num_workers * prefetch_buffer * batch_nbytes(builder.layout, batch_size, image_budget),

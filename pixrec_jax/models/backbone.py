@@ -156,6 +156,11 @@ class Backbone(nnx.Module):
       image_valid = jnp.ones(image_features.shape[:1], dtype=bool)
     return merge_image_features(input_ids, x, image_features, image_valid, self.cfg.image_token_id)
 
+  @property
+  def first_position(self) -> int:
+    """The position id of a prompt's first token: PaliGemma counts from 1, the others from 0."""
+    return 1 if self.cfg.model_type == "paligemma" else 0
+
   def hidden_states(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
                     position_ids: jax.Array | None = None, token_type_ids: jax.Array | None = None) -> jax.Array:
     """token_type_ids (PaliGemma only): 0 marks the prefix (image and prompt), which attends
@@ -167,7 +172,8 @@ class Backbone(nnx.Module):
     if position_ids is None:
       # PaliGemma counts positions from 1, whatever the padding.
       b, t, _ = inputs_embeds.shape
-      position_ids = jnp.broadcast_to(jnp.arange(1, t + 1, dtype=jnp.int32)[None], (b, t))
+      position_ids = jnp.broadcast_to(jnp.arange(self.first_position, t + self.first_position, dtype=jnp.int32)[None],
+                                      (b, t))
     return self.text_model(inputs_embeds, attention_mask, position_ids, token_type_ids)
 
   def logits(self, hidden: jax.Array) -> jax.Array:

@@ -53,7 +53,8 @@ def attention_masks(attention_mask: jax.Array | None, token_type_ids: jax.Array 
   """{"full_attention", "sliding_attention"}: (B, 1, T, T) boolean masks, True where a query may attend.
 
   Causal (and, for sliding layers, at most sliding_window - 1 keys back), or both
-  in the prefix (token_type_ids == 0); padded keys (attention_mask == 0) excluded.
+  in the prefix (token_type_ids == 0); padded keys (attention_mask == 0) excluded. attention_mask may
+  hold segment ids 1, 2, .. (packed rows, data.pack_rows): a token then sees its own segment only.
   """
   q = jnp.arange(length)[:, None]
   k = jnp.arange(length)[None, :]
@@ -65,8 +66,8 @@ def attention_masks(attention_mask: jax.Array | None, token_type_ids: jax.Array 
     prefix = token_type_ids == 0
     both_prefix = prefix[:, :, None] & prefix[:, None, :]
     masks = {name: m | both_prefix for name, m in masks.items()}
-  if attention_mask is not None:
-    keys = attention_mask.astype(bool)[:, None, :]
+  if attention_mask is not None:  # padded keys out; with segment ids (packed rows), other segments too
+    keys = layers.segment_mask(attention_mask)[:, 0]
     masks = {name: m & keys for name, m in masks.items()}
   return {name: jnp.broadcast_to(m, (batch, length, length))[:, None] for name, m in masks.items()}
 

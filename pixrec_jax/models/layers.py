@@ -271,6 +271,16 @@ def _pallas_interpret() -> bool:
   return True
 
 
+def segment_mask(attention_mask: jax.Array) -> jax.Array:
+  """(B, 1, T, T) boolean from a (B, T) attention mask: which keys each query may read (before the causal
+  or prefix structure). 0 is padding. With 0/1 values every query may read every real key (as Hugging
+  Face's masks); with segment ids 1, 2, .. (several prompts packed in a row) a real query reads the keys
+  of its own segment only. A padding query reads every real key, as unpacked, so its row stays finite."""
+  seg = attention_mask.astype(jnp.int32)
+  same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, :, None] == 0)
+  return (same & (seg[:, None, :] > 0))[:, None]
+
+
 def softcapped(x: jax.Array, cap: float) -> jax.Array:
   """cap * tanh(x / cap), in float32: a smooth clip of logits to (-cap, cap)."""
   return jnp.tanh(x.astype(jnp.float32) / cap) * cap

@@ -86,11 +86,12 @@ class DecoderLayer(nnx.Module):
 
 
 def causal_mask(attention_mask: jax.Array | None, batch: int, length: int) -> jax.Array:
-  """(B, 1, T, T) boolean: causal, and padded keys (attention_mask == 0) excluded."""
+  """(B, 1, T, T) boolean: causal, and padded keys (attention_mask == 0) excluded. Packed rows
+  (data.pack_rows) give segment ids 1, 2, .. as attention_mask: a token then sees its own segment only."""
   causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
   if attention_mask is None:
     return jnp.broadcast_to(causal, (batch, 1, length, length))
-  return causal & attention_mask.astype(bool)[:, None, None, :]
+  return causal & layers.segment_mask(attention_mask)
 
 
 def init_cache(cfg: TextConfig, dtype, batch: int, length: int) -> dict[str, jax.Array]:

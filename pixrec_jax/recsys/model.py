@@ -20,6 +20,9 @@ Batch layout (numpy/jax arrays, static shapes; B examples, M image slots):
   target_slot              (B,)    the target image's first slot; its tiles are the valid slots from there on
   target_item              (B,)    the target's item id (for false negatives)
 Text-only batches have no images, image_valid or target_slot.
+Packed batches (data.pack_rows; data.packing) hold the B full prompts in R rows: full_ids, full_mask (segment
+ids) and full_positions are (R, S), example_row (B,) names each example's row, and user_mask, target_mask and
+nig_positions are in that row's coordinates.
 """
 
 from __future__ import annotations
@@ -49,15 +52,26 @@ class HeadsConfig:
       raise ValueError(f"proj_dim must be positive, got {self.proj_dim}")
 
 
-def pool(hidden: jax.Array, mask: jax.Array, how: str) -> jax.Array:
-  """Mean over the real tokens of `mask`, or the hidden state of its last real token (float32)."""
+def pool(hidden: jax.Array, mask: jax.Array, how: str, rows: jax.Array | None = None) -> jax.Array:
+  """Mean over the real tokens of `mask`, or the hidden state of its last real token (float32).
+  rows (B,): packed rows (data.pack_rows): example i's tokens are in row rows[i] of hidden (R, S, D),
+  where mask[i] (B, S) marks them."""
   mask = mask.astype(bool)
-  hidden = hidden.astype(jnp.float32)
   if how == "mean":
+    if rows is not None:
+      hidden = hidden[rows]
     w = mask.astype(jnp.float32)[..., None]
-    return (hidden * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
+    return (hidden.astype(jnp.float32) * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
   last = hidden.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=1)
-  return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  return rows_at(hidden, last[:, None], rows)[:, 0].astype(jnp.float32)
+
+
+def rows_at(hidden: jax.Array, positions: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+  """hidden (R, S, D) at positions (B, K): (B, K, D); row i of hidden for example i, or rows[i] when given."""
+  if rows is None:
+    return jnp.take_along_axis(hidden, positions[..., None], axis=1)
+  r, s, d = hidden.shape
+  return hidden.reshape(r * s, d)[rows[:, None] * s + positions]
 
 
 def decode_pixels(raw: jax.Array, lut: jax.Array) -> jax.Array:
@@ -101,13 +115,15 @@ class PixRec(nnx.Module):
       raise ValueError("uint8 images need their pixel_lut (data.images.pixel_lut) to become the tower's floats")
     return self.backbone.image_features(images)
 
-  def _hidden(self, ids, mask, feats, valid):
+  def _hidden(self, ids, mask, feats, valid, positions=None):
     if feats is None:
       embeds = self.backbone.embed(ids)
     else:
       n = feats.shape[0] * feats.shape[1]
       embeds = self.backbone.embed(ids, feats.reshape((n,) + feats.shape[2:]), valid.reshape(n))
-    return self.backbone.hidden_states(embeds, mask)
+    if positions is not None:
+      positions = positions + self.backbone.first_position
+    return self.backbone.hidden_states(embeds, mask, positions)
 
   def user_embedding(self, ids, mask, user_mask, images=None, image_valid=None) -> jax.Array:
     """user_proj(v_U) for a history-only prompt (the user segment alone)."""
@@ -135,11 +151,13 @@ class PixRec(nnx.Module):
       feats = row_feats[batch["image_index"]]
     else:
       feats = self.encode_images(batch["images"], batch.get("image_index"), batch.get("pixel_lut"))
-    hidden = self._hidden(batch["full_ids"], batch["full_mask"], feats, batch.get("image_valid"))
-    at = jnp.take_along_axis(hidden, batch["nig_positions"][..., None], axis=1)
-    nig_logits = self.backbone.logits(at)
-    v_u = pool(hidden, batch["user_mask"], self.heads.pooling)
-    v_tu = pool(hidden, batch["target_mask"], self.heads.pooling)
+    # Packed (data.pack_rows): the full prompts are segments of fewer rows; example_row says whose is where.
+    rows = batch.get("example_row")
+    hidden = self._hidden(batch["full_ids"], batch["full_mask"], feats, batch.get("image_valid"),
+                          batch.get("full_positions"))
+    nig_logits = self.backbone.logits(rows_at(hidden, batch["nig_positions"], rows))
+    v_u = pool(hidden, batch["user_mask"], self.heads.pooling, rows)
+    v_tu = pool(hidden, batch["target_mask"], self.heads.pooling, rows)
     target_feats = target_valid = None
     if feats is not None:
       # The target's tiles come last among the valid slots; masking the history's out lets the

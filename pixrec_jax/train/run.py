@@ -161,6 +161,18 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if image_budget % dp:
       raise ValueError(f"data.image_budget={image_budget} rows do not split evenly over {dp} data-parallel devices")
+  pack_rows = cfg.data.get("pack_rows", 0)
+  if pack_rows:
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if pack_rows % dp or pack_rows % jax.process_count():
+      raise ValueError(f"data.pack_rows={pack_rows} rows do not split evenly over {dp} data-parallel devices "
+                       f"and {jax.process_count()} processes")
+    if pack_rows > cfg.train.batch_size:
+      raise ValueError(f"data.pack_rows={pack_rows} is more rows than examples (train.batch_size="
+                       f"{cfg.train.batch_size}): packing would add padding; use at most the batch size")
+    if cfg.train.get("grad_accum_steps", 1) > 1:
+      raise ValueError("data.pack_rows and train.grad_accum_steps > 1 do not combine yet (a microbatch would need "
+                       "its own examples' rows); set one of them")
   batch_size = cfg.train.batch_size
   if batch_size % jax.process_count():
     raise ValueError(f"train.batch_size={batch_size} is not divisible by {jax.process_count()} processes")
@@ -200,7 +212,8 @@ def _train_iterator(job: Job):
   return iter(pipeline.train_dataset(job.splits.train, job.builder, batch_size=cfg.train.batch_size // shards,
                                      seed=cfg.seed, shard_index=shard, shard_count=shards,
                                      num_workers=cfg.data.num_workers,
-                                     image_budget=cfg.data.get("image_budget", 0) // shards))
+                                     image_budget=cfg.data.get("image_budget", 0) // shards,
+                                     pack_rows=cfg.data.get("pack_rows", 0) // shards))
 
 
 def _truncate_log(path: pathlib.Path, step: int) -> None:
@@ -255,7 +268,8 @@ def step_flops(job: Job) -> float | None:
   """Analytic FLOPs of one global train step (pixrec_jax.flops); None for a mode it does not count."""
   bcfg = zoo.backbone_config(job.cfg.model, job.builder.tokenizer)
   shapes = flops.step_shapes(job.builder.layout, job.cfg.train.batch_size,
-                             images=job.cfg.data.get("image_budget", 0) or None)
+                             images=job.cfg.data.get("image_budget", 0) or None,
+                             full_rows=job.cfg.data.get("pack_rows", 0) or None)
   try:
     return flops.train_flops(bcfg, shapes, proj_dim=job.cfg.pixrec.proj_dim, trainable=job.cfg.train.trainable,
                              text_only=job.text_only)["total"]

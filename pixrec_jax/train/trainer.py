@@ -163,7 +163,7 @@ class Trainer:
   def _accumulated_loss_and_grads(self, state: TrainState, batch: dict) -> tuple[dict, Any]:
     """The same (metrics, gradients) as `_loss_and_grads`, from k microbatches (see the module docstring)."""
     k = self.grad_accum_steps
-    n = batch["full_ids"].shape[0]
+    n = batch["target_item"].shape[0]
     # A packed batch's image rows (data.image_budget) are shared across its examples: the vision tower
     # encodes them once, before the microbatches; pass 2 sums each microbatch's gradient in those features
     # and one backward pass through the tower ends the step.
@@ -256,10 +256,15 @@ class Trainer:
       shardings["pixel_lut"] = shd.replicated(self.mesh)
     return shardings
 
-  def check_batch_size(self, batch_size: int) -> None:
+  def check_batch_size(self, batch: dict) -> None:
+    """The batch (arrays or shapes) splits into the microbatches of train.grad_accum_steps."""
     k = self.grad_accum_steps
+    batch_size = batch["target_item"].shape[0]
     if batch_size % k:
       raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum_steps={k}")
+    if k > 1 and "example_row" in batch:
+      raise ValueError("packed prompts (data.pack_rows) and train.grad_accum_steps > 1 do not combine yet: a "
+                       "microbatch would need its own examples' rows; set one of them")
 
   def jitted_step(self, batch_shardings: dict):
     """The train step jitted with the state's and the batch's shardings, the state donated."""
@@ -268,7 +273,7 @@ class Trainer:
 
   def lower(self, abstract_batch: dict):
     """The train step lowered for the abstract state and a batch of these shapes (nothing is allocated)."""
-    self.check_batch_size(abstract_batch["full_ids"].shape[0])
+    self.check_batch_size(abstract_batch)
     shardings = self.batch_shardings(abstract_batch)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in abstract_batch.items()}
     with jax.set_mesh(self.mesh):
@@ -284,7 +289,7 @@ class Trainer:
     """One update. `batch` is this host's numpy batch (it becomes a global array here) or `put_batch`'s."""
     shardings = self.batch_shardings(batch)
     global_batch = self.put_batch(batch, shardings)
-    self.check_batch_size(global_batch["full_ids"].shape[0])
+    self.check_batch_size(global_batch)
     if self._step is None:
       self._step = self.jitted_step(shardings)
     with jax.set_mesh(self.mesh):

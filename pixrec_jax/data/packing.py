@@ -1,0 +1,108 @@
+"""Sequence packing: several training prompts in one row of the full pass (data.pack_rows).
+
+A batch's full prompts are right padded to the layout's seq_len, the longest a prompt can be; with
+histories of 1..max_history items most rows are part padding (about a third on the demo), and the
+decoder computes every padded position. Packing lays the B prompts end to end into R < B rows of the
+same length, each prompt a segment that attends only to itself (`full_mask` holds segment ids
+1, 2, .. instead of 1s; models.llama.causal_mask) with its positions counted from its own start
+(`full_positions`), so the decoder reads R rows instead of B and every prompt's hidden states are
+those it has alone.
+
+A packed batch has these full-pass fields (the item pass and the images keep their per-example shapes):
+  full_ids, full_mask, full_positions   (R, S)  tokens, segment ids (0: padding), positions in the segment
+  example_row                           (B,)    the row holding each example (+ this host's first row)
+  user_mask, target_mask, nig_positions         as unpacked, in the coordinates of the example's row
+The examples are reordered row by row (row 0's prompts first, in order): image features are merged
+into the image tokens in row-major token order, which then is the examples' order. The mixed loss
+does not depend on the examples' order. Positions restart in each segment as in the prompt alone
+(rotary embeddings depend on relative positions only, so this matters to rounding, not to the values).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+# Per-example fields whose positions index the full prompt: packing moves them by the segment's offset.
+_ROW_COORDINATES = ("user_mask", "target_mask")
+
+
+def plan_rows(lengths: Sequence[int], rows: int, seq_len: int) -> list[list[int]] | None:
+  """First-fit decreasing: the examples each of `rows` rows of `seq_len` tokens holds, or None when
+  the prompts do not fit. Longest first, ties by index; each row's examples in index order."""
+  fill, members = [], []
+  for i in sorted(range(len(lengths)), key=lambda j: (-int(lengths[j]), j)):
+    n = int(lengths[i])
+    if n > seq_len:
+      raise ValueError(f"example {i}: a prompt of {n} tokens is longer than the row ({seq_len})")
+    for r, used in enumerate(fill):
+      if used + n <= seq_len:
+        fill[r] += n
+        members[r].append(i)
+        break
+    else:
+      if len(fill) == rows:
+        return None
+      fill.append(n)
+      members.append([i])
+  members += [[] for _ in range(rows - len(members))]
+  return [sorted(m) for m in members]
+
+
+def shared_keys(batch: dict) -> set[str]:
+  """The fields of a batch that are not per example: packed image rows (data.image_budget) and their table."""
+  return {"pixel_lut"} | ({"images"} if "image_index" in batch else set())
+
+
+def pack_rows(batch: dict[str, np.ndarray], plan: list[list[int]], row_offset: int = 0) -> dict[str, np.ndarray]:
+  """The packed batch of `plan` (plan_rows on this batch's prompt lengths): the examples reordered row by
+  row, their full prompts laid end to end. row_offset: this host's first row of the global batch
+  (example_row indexes the global rows)."""
+  ids, mask = batch["full_ids"], batch["full_mask"]
+  b, s = ids.shape
+  order = [i for row in plan for i in row]
+  if sorted(order) != list(range(b)):
+    raise ValueError(f"the plan places examples {sorted(order)}, the batch has {b}")
+  shared = shared_keys(batch)
+  batch = {k: v if k in shared else v[order] for k, v in batch.items()}
+  ids, mask = batch["full_ids"], batch["full_mask"]
+  lengths = mask.astype(bool).sum(axis=1)
+  rows = len(plan)
+  out = {k: v for k, v in batch.items() if k not in ("full_ids", "full_mask") + _ROW_COORDINATES}
+  packed_ids = np.zeros((rows, s), ids.dtype)
+  segments = np.zeros((rows, s), np.int32)
+  positions = np.zeros((rows, s), np.int32)
+  example_row = np.zeros((b,), np.int32)
+  offsets = np.zeros((b,), np.int32)
+  i = 0
+  for r, members in enumerate(plan):
+    offset = 0
+    for segment in range(1, len(members) + 1):
+      n = int(lengths[i])
+      if mask[i, n:].any() or not mask[i, :n].all():
+        raise ValueError(f"example {order[i]}: full_mask is not right padded, cannot pack it")
+      packed_ids[r, offset:offset + n] = ids[i, :n]
+      segments[r, offset:offset + n] = segment
+      positions[r, offset:offset + n] = np.arange(n)
+      example_row[i], offsets[i] = row_offset + r, offset
+      offset += n
+      i += 1
+  for key in _ROW_COORDINATES:
+    shifted = np.zeros_like(batch[key])
+    for j in range(b):
+      shifted[j, offsets[j]:offsets[j] + lengths[j]] = batch[key][j, :lengths[j]]
+    out[key] = shifted
+  # Padding slots (weight 0) may land past the row's end: kept inside it.
+  out["nig_positions"] = np.minimum(batch["nig_positions"] + offsets[:, None], s - 1).astype(
+      batch["nig_positions"].dtype)
+  out.update(full_ids=packed_ids, full_mask=segments, full_positions=positions, example_row=example_row)
+  return out
+
+
+def fewest_rows(lengths: Sequence[int], seq_len: int) -> int:
+  """The fewest rows plan_rows packs these prompts into."""
+  rows = max(1, -(-int(np.sum(lengths)) // seq_len))
+  while plan_rows(lengths, rows, seq_len) is None:
+    rows += 1
+  return rows

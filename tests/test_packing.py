@@ -1,0 +1,136 @@
+"""data.pack_rows: the full prompts packed end to end into fewer rows, and nothing the model computes changes."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from pixrec_jax import sharding as shd
+from pixrec_jax.data import examples, images, packing, pipeline, processors
+from pixrec_jax.models.backbone import Backbone
+from pixrec_jax.models.config import Runtime
+from pixrec_jax.recsys.losses import LossWeights
+from pixrec_jax.recsys.model import HeadsConfig, PixRec
+from pixrec_jax.train import optim
+from pixrec_jax.train.trainer import Trainer
+from tests.sharded_training import IMAGE_SIZE, backbone_configs
+
+
+def _builder(ds, tok, bcfg, max_history=5):
+  texts = [ds.item_text(i) for i in range(ds.num_items)]
+  layout = examples.PromptBuilder.plan(tok, texts, max_history=max_history, image_seq_len=bcfg.image_seq_len,
+                                       image_size=IMAGE_SIZE, style=examples.prompt_style(bcfg.model_type))
+  store = images.ImageStore([ds.image_path(i) for i in range(ds.num_items)],
+                            processors.default_image_spec(bcfg.model_type, IMAGE_SIZE))
+  return examples.PromptBuilder(tok, texts, store, layout)
+
+
+def _batches(builder, splits, n, batch_size=8, **kw):
+  return list(itertools.islice(pipeline.train_dataset(splits.train, builder, batch_size=batch_size, seed=5, **kw), n))
+
+
+def _order(plain, packed):
+  """i such that packed example j is plain example i[j] (same user, target and history)."""
+  key = lambda b, j: (int(b["user_index"][j]), int(b["target_item"][j]), tuple(b["history_items"][j]))
+  where = {key(plain, i): i for i in range(len(plain["target_item"]))}
+  return np.asarray([where[key(packed, j)] for j in range(len(packed["target_item"]))])
+
+
+def test_plan_rows_is_first_fit_decreasing():
+  assert packing.plan_rows([30, 20, 10, 40], rows=2, seq_len=64) == [[1, 3], [0, 2]]
+  assert packing.plan_rows([30, 20, 10, 40], rows=3, seq_len=64) == [[1, 3], [0, 2], []]
+  assert packing.plan_rows([10, 60, 50, 40, 30], rows=3, seq_len=64) is None
+  assert packing.plan_rows([10, 60, 50, 40, 30], rows=4, seq_len=64) == [[1], [0, 2], [3], [4]]
+  with pytest.raises(ValueError, match="example 1: a prompt of 65 tokens is longer than the row"):
+    packing.plan_rows([3, 65], rows=2, seq_len=64)
+
+
+def test_each_prompt_is_one_segment_of_a_packed_row(image_builder, small_splits):
+  plain_list, packed_list = _batches(image_builder, small_splits, 3), _batches(image_builder, small_splits, 3,
+                                                                                 pack_rows=6)
+  s = image_builder.layout.seq_len
+  for plain, packed in zip(plain_list, packed_list):
+    assert packed["full_ids"].shape == (6, s) and packed["target_item"].shape == (8,)
+    order = _order(plain, packed)
+    assert sorted(order) == list(range(8))
+    for key in set(plain) - {"full_ids", "full_mask", "user_mask", "target_mask", "nig_positions"}:
+      np.testing.assert_array_equal(packed[key], plain[key][order], err_msg=key)
+    # Rows in order: example_row never decreases, segments count 1, 2, .. in each row.
+    assert np.all(np.diff(packed["example_row"]) >= 0)
+    for j, i in enumerate(order):
+      row, mask = packed["example_row"][j], plain["full_mask"][i].astype(bool)
+      segment = 1 + int(np.sum(packed["example_row"][:j] == row))
+      mine = packed["full_mask"][row] == segment
+      np.testing.assert_array_equal(packed["full_ids"][row][mine], plain["full_ids"][i][mask])
+      np.testing.assert_array_equal(packed["full_positions"][row][mine], np.arange(mask.sum()))
+      offset = int(np.argmax(mine))
+      for key in ("user_mask", "target_mask"):
+        np.testing.assert_array_equal(np.flatnonzero(packed[key][j]), offset + np.flatnonzero(plain[key][i]))
+      real = plain["nig_weights"][i] > 0
+      np.testing.assert_array_equal(packed["full_ids"][row][packed["nig_positions"][j][real]],
+                                    plain["full_ids"][i][plain["nig_positions"][i][real]])
+    # Every real token kept once, and the padding gone where prompts share rows.
+    assert (packed["full_mask"] > 0).sum() == plain["full_mask"].sum()
+
+
+def test_a_small_row_budget_drops_the_longest_prompts_oldest_items(image_builder, small_splits):
+  plain_list, packed_list = _batches(image_builder, small_splits, 3), _batches(image_builder, small_splits, 3,
+                                                                                 pack_rows=4)
+  extra = sum(int(b["dropped_history"].sum()) for b in packed_list)
+  assert extra > sum(int(a["dropped_history"].sum()) for a in plain_list)
+  for plain, packed in zip(plain_list, packed_list):
+    assert packed["full_ids"].shape[0] == 4
+    # Histories were shortened: match the examples by user and target.
+    pairs = {(int(u), int(t)): j for j, (u, t) in enumerate(zip(packed["user_index"], packed["target_item"]))}
+    for i, (u, t) in enumerate(zip(plain["user_index"], plain["target_item"])):
+      ha, hb = plain["history_items"][i], packed["history_items"][pairs[(int(u), int(t))]]
+      ha, hb = ha[ha >= 0], hb[hb >= 0]
+      assert len(hb) >= 1 and list(hb) == list(ha[len(ha) - len(hb):])  # the newest items kept
+  with pytest.raises(ValueError, match="data.pack_rows=1 is too small"):
+    _batches(image_builder, small_splits, 1, pack_rows=1)
+
+
+@pytest.mark.parametrize("family,image_budget", [("smolvlm", 0), ("smolvlm", 40), ("paligemma", 0)])
+def test_train_outputs_are_those_of_the_unpacked_batch(small_dataset, word_tokenizer, small_splits, family,
+                                                       image_budget):
+  bcfg = backbone_configs(word_tokenizer)[family]
+  builder = _builder(small_dataset, word_tokenizer, bcfg)
+  model = PixRec(Backbone(bcfg, Runtime(), rngs=nnx.Rngs(0)), HeadsConfig(proj_dim=16), rngs=nnx.Rngs(1))
+  graphdef, state = nnx.split(model)
+  outputs = jax.jit(lambda batch: nnx.merge(graphdef, state).train_outputs(batch))
+  plain = _batches(builder, small_splits, 1, image_budget=image_budget)[0]
+  packed = _batches(builder, small_splits, 1, image_budget=image_budget, pack_rows=5)[0]
+  assert packed["full_ids"].shape[0] == 5
+  order = _order(plain, packed)
+  a = outputs(pipeline.split_bookkeeping(plain)[0])
+  b = outputs(pipeline.split_bookkeeping(packed)[0])
+  for k in a:
+    np.testing.assert_allclose(np.asarray(a[k])[order], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_a_train_step_on_packed_prompts_equals_the_unpacked_step(small_dataset, word_tokenizer, small_splits):
+  """The mixed loss does not depend on the examples' order: one step on the packed batch gives the plain
+  step's loss and parameters."""
+  bcfg = backbone_configs(word_tokenizer)["smolvlm"]
+  builder = _builder(small_dataset, word_tokenizer, bcfg)
+  plain = pipeline.split_bookkeeping(_batches(builder, small_splits, 1)[0])[0]
+  packed = pipeline.split_bookkeeping(_batches(builder, small_splits, 1, pack_rows=5)[0])[0]
+
+  def step(batch, accum=1):
+    model_fn = lambda: PixRec(Backbone(bcfg, Runtime(), rngs=nnx.Rngs(0)), HeadsConfig(proj_dim=16),
+                              rngs=nnx.Rngs(1))
+    tx, sched = optim.optimizer(lr=1e-3, steps=10, warmup_steps=0, weight_decay=0.01, clip_norm=1.0)
+    trainer = Trainer(model_fn, tx, nnx.Param, LossWeights(0.3, 0.4, 0.2), shd.make_mesh(devices=jax.devices()[:1]),
+                      sched, grad_accum_steps=accum)
+    state, metrics = trainer.step(trainer.init_state(), batch)
+    return metrics, jax.tree.leaves(nnx.to_pure_dict(state.params))
+
+  (ma, pa), (mb, pb) = step(plain), step(packed)
+  for k in ("loss", "nig", "l_tt", "l_ut", "grad_norm"):
+    np.testing.assert_allclose(ma[k], mb[k], rtol=2e-5, err_msg=k)
+  for x, y in zip(pa, pb):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="data.pack_rows.*grad_accum_steps"):
+    step(packed, accum=2)
