@@ -20,24 +20,29 @@ def _trainer(model_fn, k):
                  sched, grad_accum_steps=k)
 
 
-@pytest.fixture(scope="module", params=[0, 32], ids=["slots", "packed"])
-def batch(request, image_builder, small_splits):
-  """A batch with every image slot, and one with its distinct tiles packed into 32 rows (data.image_budget),
-  which its microbatches share."""
-  it = iter(pipeline.train_dataset(small_splits.train, image_builder, batch_size=8, seed=0,
-                                   image_budget=request.param))
-  batch = pipeline.split_bookkeeping(next(it))[0]
-  assert ("image_index" in batch) == bool(request.param)
-  return batch
+@pytest.fixture(scope="module", params=["slots", "packed_images", "packed_prompts"])
+def batches(request, image_builder, small_splits):
+  """{k: the batch for k microbatches}: every image slot; its distinct tiles packed into 32 rows
+  (data.image_budget), which the microbatches share; or its prompts packed into 8 rows (data.pack_rows) in
+  k groups, one per microbatch (the same examples, in another order: the loss does not depend on it)."""
+  out = {}
+  for k in (1, 4):
+    kw = {"packed_images": dict(image_budget=32), "packed_prompts": dict(pack_rows=8, pack_groups=k)}.get(
+        request.param, {})
+    it = iter(pipeline.train_dataset(small_splits.train, image_builder, batch_size=8, seed=0, **kw))
+    out[k] = pipeline.split_bookkeeping(next(it))[0]
+    assert ("image_index" in out[k]) == (request.param == "packed_images")
+    assert ("example_row" in out[k]) == (request.param == "packed_prompts")
+  return out
 
 
 def _flat(tree):
   return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(tree)}
 
 
-def test_accumulated_step_equals_the_large_batch_step(word_tokenizer, batch):
+def test_accumulated_step_equals_the_large_batch_step(word_tokenizer, batches):
   model_fn = tiny_pixrec_fn(word_tokenizer)
-  assert len(set(batch["target_item"].tolist())) > 2  # in-batch negatives exist
+  assert len(set(batches[1]["target_item"].tolist())) > 2  # in-batch negatives exist
   state = _trainer(model_fn, 1).init_state()
   results = {}
   for k in (1, 4):  # 4 microbatches of 2: the hardest split of this batch; k=2 adds a compile, no case
@@ -46,7 +51,7 @@ def test_accumulated_step_equals_the_large_batch_step(word_tokenizer, batch):
     # One program per k (no donation, so every k starts from the same state): the gradient and the update
     # that _train_step makes from it.
     metrics, grads, (new_state, step_metrics) = jax.jit(
-        lambda s, b: (lambda m, g: (m, g, trainer._update(s, dict(m), g)))(*grad_fn(s, b)))(state, batch)
+        lambda s, b: (lambda m, g: (m, g, trainer._update(s, dict(m), g)))(*grad_fn(s, b)))(state, batches[k])
     results[k] = (jax.device_get(metrics), _flat(grads), _flat(new_state.params), jax.device_get(step_metrics))
   metrics1, grads1, params1, step1 = results[1]
   assert np.mean([np.abs(g).max() for g in grads1.values()]) > 1e-4
@@ -63,9 +68,9 @@ def test_accumulated_step_equals_the_large_batch_step(word_tokenizer, batch):
       np.testing.assert_allclose(params[path], params1[path], rtol=1e-5, atol=1e-5, err_msg=f"k={k} param {path}")
 
 
-def test_a_batch_size_not_divisible_by_the_microbatch_count_is_an_error(word_tokenizer, batch):
+def test_a_batch_size_not_divisible_by_the_microbatch_count_is_an_error(word_tokenizer, batches):
   trainer = _trainer(tiny_pixrec_fn(word_tokenizer), 3)
   with pytest.raises(ValueError, match="train.batch_size=8 is not divisible by train.grad_accum_steps=3"):
-    trainer.step(None, batch)  # refused before the state is read or the step compiled
+    trainer.step(None, batches[1])  # refused before the state is read or the step compiled
   with pytest.raises(ValueError, match="grad_accum_steps must be >= 1"):
     _trainer(tiny_pixrec_fn(word_tokenizer), 0)

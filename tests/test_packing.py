@@ -132,5 +132,5 @@ def test_a_train_step_on_packed_prompts_equals_the_unpacked_step(small_dataset, 
     np.testing.assert_allclose(ma[k], mb[k], rtol=2e-5, err_msg=k)
   for x, y in zip(pa, pb):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="data.pack_rows.*grad_accum_steps"):
+  with pytest.raises(ValueError, match="packed for another train.grad_accum_steps than 2"):
     step(packed, accum=2)

@@ -14,7 +14,10 @@ A packed batch has these full-pass fields (the item pass and the images keep the
   user_mask, target_mask, nig_positions         as unpacked, in the coordinates of the example's row
 The examples are reordered row by row (row 0's prompts first, in order): image features are merged
 into the image tokens in row-major token order, which then is the examples' order. The mixed loss
-does not depend on the examples' order. Positions restart in each segment as in the prompt alone
+does not depend on the examples' order. With gradient accumulation over k microbatches (examples
+j, j + k, .. and rows j, j + k, .. form microbatch j: train.trainer) the batch packs in k groups:
+examples i = j (mod k) go to rows r = j (mod k) only, in that order, and the trainer reads row
+example_row // k of its microbatch. Positions restart in each segment as in the prompt alone
 (rotary embeddings depend on relative positions only, so this matters to rounding, not to the values).
 """
 
@@ -55,15 +58,41 @@ def shared_keys(batch: dict) -> set[str]:
   return {"pixel_lut"} | ({"images"} if "image_index" in batch else set())
 
 
-def pack_rows(batch: dict[str, np.ndarray], plan: list[list[int]], row_offset: int = 0) -> dict[str, np.ndarray]:
-  """The packed batch of `plan` (plan_rows on this batch's prompt lengths): the examples reordered row by
-  row, their full prompts laid end to end. row_offset: this host's first row of the global batch
-  (example_row indexes the global rows)."""
+def plan_groups(lengths: Sequence[int], rows: int, seq_len: int, groups: int = 1) -> list[list[int]] | None:
+  """plan_rows for `groups` microbatches: examples i = j (mod groups) packed into rows r = j (mod groups)
+  (rows / groups of them); the rows in global order, or None when a group's prompts do not fit."""
+  if rows % groups or len(lengths) % groups:
+    raise ValueError(f"{rows} rows and {len(lengths)} examples do not split into {groups} microbatches")
+  plan = [[] for _ in range(rows)]
+  for j in range(groups):
+    members = list(range(j, len(lengths), groups))
+    sub = plan_rows([lengths[i] for i in members], rows // groups, seq_len)
+    if sub is None:
+      return None
+    for q, row in enumerate(sub):
+      plan[q * groups + j] = [members[i] for i in row]
+  return plan
+
+
+def pack_rows(batch: dict[str, np.ndarray], plan: list[list[int]], row_offset: int = 0,
+              groups: int = 1) -> dict[str, np.ndarray]:
+  """The packed batch of `plan` (plan_rows, or plan_groups with the same `groups`, on this batch's prompt
+  lengths): the examples reordered row by row (within each group), their full prompts laid end to end.
+  row_offset: this host's first row of the global batch (example_row indexes the global rows)."""
   ids, mask = batch["full_ids"], batch["full_mask"]
   b, s = ids.shape
-  order = [i for row in plan for i in row]
+  if b % groups:
+    raise ValueError(f"{b} examples do not split into {groups} microbatches")
+  order = [0] * b  # new index -> old index
+  for j in range(groups):
+    members = [i for r in range(j, len(plan), groups) for i in plan[r]]
+    if len(members) != b // groups or any(i % groups != j for i in members):
+      raise ValueError(f"the plan puts examples {sorted(members)} in microbatch {j} of {groups}")
+    for n, i in enumerate(members):
+      order[n * groups + j] = i
   if sorted(order) != list(range(b)):
     raise ValueError(f"the plan places examples {sorted(order)}, the batch has {b}")
+  new_index = {old: new for new, old in enumerate(order)}
   shared = shared_keys(batch)
   batch = {k: v if k in shared else v[order] for k, v in batch.items()}
   ids, mask = batch["full_ids"], batch["full_mask"]
@@ -75,19 +104,18 @@ def pack_rows(batch: dict[str, np.ndarray], plan: list[list[int]], row_offset: i
   positions = np.zeros((rows, s), np.int32)
   example_row = np.zeros((b,), np.int32)
   offsets = np.zeros((b,), np.int32)
-  i = 0
   for r, members in enumerate(plan):
     offset = 0
-    for segment in range(1, len(members) + 1):
+    for segment, old in enumerate(members, start=1):
+      i = new_index[old]
       n = int(lengths[i])
       if mask[i, n:].any() or not mask[i, :n].all():
-        raise ValueError(f"example {order[i]}: full_mask is not right padded, cannot pack it")
+        raise ValueError(f"example {old}: full_mask is not right padded, cannot pack it")
       packed_ids[r, offset:offset + n] = ids[i, :n]
       segments[r, offset:offset + n] = segment
       positions[r, offset:offset + n] = np.arange(n)
       example_row[i], offsets[i] = row_offset + r, offset
       offset += n
-      i += 1
   for key in _ROW_COORDINATES:
     shifted = np.zeros_like(batch[key])
     for j in range(b):

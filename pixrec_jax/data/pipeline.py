@@ -117,13 +117,14 @@ class _BuildTrainBatch(grain.transforms.Map):
   counted in `dropped_history`."""
 
   def __init__(self, builder: PromptBuilder, image_budget: int = 0, row_offset: int = 0, pack_rows: int = 0,
-               pack_row_offset: int = 0):
+               pack_row_offset: int = 0, pack_groups: int = 1):
     self.build = _BuildTrainExample(builder, pixels=not image_budget)
     self.builder = builder
     self.image_budget = image_budget
     self.row_offset = row_offset
     self.pack_rows = pack_rows
     self.pack_row_offset = pack_row_offset
+    self.pack_groups = pack_groups
 
   def map(self, windows: list[Window]) -> dict[str, np.ndarray]:
     windows = list(windows)
@@ -140,7 +141,7 @@ class _BuildTrainBatch(grain.transforms.Map):
         what = f"data.image_budget={self.image_budget}"
       if self.pack_rows and (not self.image_budget or fits):
         lengths = [int(e["full_mask"].sum()) for e in examples]
-        plan = packing.plan_rows(lengths, self.pack_rows, seq_len)
+        plan = packing.plan_groups(lengths, self.pack_rows, seq_len, self.pack_groups)
         fits, size, what = plan is not None, lengths, f"data.pack_rows={self.pack_rows}"
       if not (self.image_budget or self.pack_rows) or fits:
         break
@@ -158,7 +159,7 @@ class _BuildTrainBatch(grain.transforms.Map):
     if self.image_budget:
       batch = pack_images(batch, tiles, self.image_budget, self.builder.images, self.row_offset)
     if plan is not None:
-      batch = packing.pack_rows(batch, plan, self.pack_row_offset)
+      batch = packing.pack_rows(batch, plan, self.pack_row_offset, self.pack_groups)
     return batch
 
 
@@ -186,11 +187,13 @@ def split_bookkeeping(batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
 
 def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, *, batch_size: int, seed: int,
                   shard_index: int = 0, shard_count: int = 1, num_workers: int = 0,
-                  prefetch_buffer: int = 4, image_budget: int = 0, pack_rows: int = 0) -> grain.IterDataset:
+                  prefetch_buffer: int = 4, image_budget: int = 0, pack_rows: int = 0,
+                  pack_groups: int = 1) -> grain.IterDataset:
   """An infinite iterator of training batches for host `shard_index` of `shard_count`
   (batch_size is per host). image_budget > 0 (per host): each batch carries its distinct
   image tiles once, in that many rows (pack_images). pack_rows > 0 (per host): the full
-  prompts are packed into that many rows (packing.pack_rows).
+  prompts are packed into that many rows (packing.pack_rows), in pack_groups groups (the
+  trainer's microbatches, train.grad_accum_steps).
 
   `train` holds (user index, training sequence) pairs, as `catalog.leave_one_out` gives them.
   """
@@ -210,7 +213,7 @@ def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilde
   if image_budget and builder.layout.text_only:
     raise ValueError("data.image_budget is set but the prompts have no images")
   ds = ds.map(_BuildTrainBatch(builder, image_budget, row_offset=shard_index * image_budget, pack_rows=pack_rows,
-                               pack_row_offset=shard_index * pack_rows))
+                               pack_row_offset=shard_index * pack_rows, pack_groups=pack_groups))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if num_workers else 1, prefetch_buffer_size=prefetch_buffer))
   if num_workers > 0:
     check_shared_memory(num_workers * prefetch_buffer * batch_nbytes(builder.layout, batch_size, image_budget),

@@ -170,9 +170,10 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
     if pack_rows > cfg.train.batch_size:
       raise ValueError(f"data.pack_rows={pack_rows} is more rows than examples (train.batch_size="
                        f"{cfg.train.batch_size}): packing would add padding; use at most the batch size")
-    if cfg.train.get("grad_accum_steps", 1) > 1:
-      raise ValueError("data.pack_rows and train.grad_accum_steps > 1 do not combine yet (a microbatch would need "
-                       "its own examples' rows); set one of them")
+    accum = cfg.train.get("grad_accum_steps", 1)
+    if pack_rows % (jax.process_count() * accum):
+      raise ValueError(f"data.pack_rows={pack_rows} rows do not split evenly over {jax.process_count()} processes x "
+                       f"train.grad_accum_steps={accum} microbatches")
   batch_size = cfg.train.batch_size
   if batch_size % jax.process_count():
     raise ValueError(f"train.batch_size={batch_size} is not divisible by {jax.process_count()} processes")
@@ -213,7 +214,8 @@ def _train_iterator(job: Job):
                                      seed=cfg.seed, shard_index=shard, shard_count=shards,
                                      num_workers=cfg.data.num_workers,
                                      image_budget=cfg.data.get("image_budget", 0) // shards,
-                                     pack_rows=cfg.data.get("pack_rows", 0) // shards))
+                                     pack_rows=cfg.data.get("pack_rows", 0) // shards,
+                                     pack_groups=cfg.train.get("grad_accum_steps", 1)))
 
 
 def _truncate_log(path: pathlib.Path, step: int) -> None:

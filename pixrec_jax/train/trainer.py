@@ -178,16 +178,21 @@ class Trainer:
     # Microbatch j is rows j, j + k, j + 2k, ...: a batch sharded in row blocks stays sharded over
     # every device in each microbatch.
     examples = {name: x for name, x in batch.items() if name not in shared}
-    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((n // k, k) + x.shape[1:]), 0, 1), examples)
+    # Packed prompts (data.pack_rows) split the same way: rows j, j + k, .. hold microbatch j's prompts
+    # (packing.plan_groups), and its row r is row r // k of the microbatch.
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1), examples)
+    if "example_row" in micro:
+      micro["example_row"] = micro["example_row"] // k
     weights = self.weights
     count = losses.nig_count(batch["nig_weights"])
 
     # Each microbatch spread over the data-parallel devices, where its size divides over them.
-    spread = (n // k) % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]) == 0
+    dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    spread = lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1)) if x.shape[0] % dp == 0 else x
 
     def forward(params, mb, j, rows):
-      if spread:
-        mb = jax.tree.map(lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
+      if (n // k) % dp == 0:
+        mb = jax.tree.map(spread, mb)
       model = self._model(params, state.frozen, self._dropout_key(state.step, j))
       out = model.train_outputs(mb, row_feats=rows)
       nll, correct = losses.nig_sums(out["nig_logits"], mb["nig_labels"], mb["nig_weights"])
@@ -262,9 +267,13 @@ class Trainer:
     batch_size = batch["target_item"].shape[0]
     if batch_size % k:
       raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum_steps={k}")
-    if k > 1 and "example_row" in batch:
-      raise ValueError("packed prompts (data.pack_rows) and train.grad_accum_steps > 1 do not combine yet: a "
-                       "microbatch would need its own examples' rows; set one of them")
+    rows = batch.get("example_row")
+    if isinstance(rows, np.ndarray):  # a host batch of packed prompts: packed for this k (data.packing)
+      for j in range(k):
+        mine = rows[j::k]
+        if np.any(mine % k != j) or np.any(np.diff(mine) < 0):
+          raise ValueError(f"this batch's prompts were packed for another train.grad_accum_steps than {k} "
+                           f"(data.packing.plan_groups): microbatch {j} would read other examples' rows")
 
   def jitted_step(self, batch_shardings: dict):
     """The train step jitted with the state's and the batch's shardings, the state donated."""
@@ -287,9 +296,9 @@ class Trainer:
 
   def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One update. `batch` is this host's numpy batch (it becomes a global array here) or `put_batch`'s."""
+    self.check_batch_size(batch)
     shardings = self.batch_shardings(batch)
     global_batch = self.put_batch(batch, shardings)
-    self.check_batch_size(global_batch)
     if self._step is None:
       self._step = self.jitted_step(shardings)
     with jax.set_mesh(self.mesh):
