@@ -1,7 +1,8 @@
 """Runs a few PixRec train steps on several meshes of forced host devices; prints JSON.
 
 Two backbones, SmolVLM (Idefics3: SigLIP + Llama) and PaliGemma 2 (SigLIP +
-Gemma2, a sliding and a global layer), each on one device and on two meshes of 8.
+Gemma2, a sliding and a global layer), each on one device and on two meshes of 8;
+SmolVLM also with its prompts packed (data.pack_rows) on one of them.
 One run per family scans its layers, so that scanning and sharding are checked
 together; its parameters are reported in the looped layout. Compiling dominates
 (eight train steps), so the models are as small as the checks allow and XLA
@@ -63,15 +64,16 @@ def backbone_configs(tok) -> dict[str, BackboneConfig]:
           "paligemma": BackboneConfig("paligemma", gemma2, vision, scale_factor=1, image_token_id=image)}
 
 
-def batches(ds, tok, splits, bcfg: BackboneConfig) -> list[dict]:
-  """STEPS training batches of 8, prompts and images in the family's own style."""
+def batches(ds, tok, splits, bcfg: BackboneConfig, pack_rows: int = 0) -> list[dict]:
+  """STEPS training batches of 8, prompts and images in the family's own style; pack_rows: the prompts
+  packed into that many rows (data.pack_rows; 8 drops nothing, so the examples are the unpacked ones)."""
   texts = [ds.item_text(i) for i in range(ds.num_items)]
   layout = examples.PromptBuilder.plan(tok, texts, max_history=3, image_seq_len=bcfg.image_seq_len,
                                        image_size=IMAGE_SIZE, style=examples.prompt_style(bcfg.model_type))
   store = images.ImageStore([ds.image_path(i) for i in range(ds.num_items)],
                             processors.default_image_spec(bcfg.model_type, IMAGE_SIZE))
   builder = examples.PromptBuilder(tok, texts, store, layout)
-  it = iter(pipeline.train_dataset(splits.train, builder, batch_size=8, seed=0))
+  it = iter(pipeline.train_dataset(splits.train, builder, batch_size=8, seed=0, pack_rows=pack_rows))
   return [pipeline.split_bookkeeping(next(it))[0] for _ in range(STEPS)]
 
 
@@ -117,6 +119,11 @@ def main(workdir):
       print(f"{family} {mesh_name}: {time.process_time() - start:.1f} s CPU", file=sys.stderr)
       if mesh_name == "single":
         looped, initial = params, first
+    if family == "smolvlm":  # packed prompts on a mesh: each example's row may sit on another device
+      start = time.process_time()
+      out[family]["packed_fsdp4_data2"], _, _ = run(bcfg, batches(ds, tok, splits, bcfg, pack_rows=8), "fsdp4_data2",
+                                                   False, None, initial)
+      print(f"{family} packed fsdp4_data2: {time.process_time() - start:.1f} s CPU", file=sys.stderr)
   print(json.dumps(out))
 
 

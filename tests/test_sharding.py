@@ -41,6 +41,15 @@ def test_mesh_gives_single_device_losses_and_params(runs, family, mesh):
     np.testing.assert_allclose(got["params"][name], values, atol=1e-5, rtol=0, err_msg=name)
 
 
+def test_packed_prompts_on_a_mesh_give_the_unpacked_single_device_step(runs):
+  """data.pack_rows on data 2 x fsdp 4: the same examples in another order and layout; the loss does not
+  depend on the order, so losses and parameters equal the unpacked single-device run's."""
+  want, got = runs["smolvlm"]["single"], runs["smolvlm"]["packed_fsdp4_data2"]
+  np.testing.assert_allclose(got["losses"], want["losses"], atol=1e-5, rtol=0)
+  for name, values in want["params"].items():
+    np.testing.assert_allclose(got["params"][name], values, atol=1e-5, rtol=0, err_msg=name)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_meshes_really_shard_the_state(runs, family):
   assert any("fsdp" in s for s in runs[family]["fsdp4_data2"]["specs"])
