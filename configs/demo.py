@@ -70,7 +70,7 @@ def get_config(arg=None):
   c.data.image_budget = 0
   # > 0: the full prompts are packed end to end into this many rows per global batch (data/packing.py): the
   # decoder skips the padding of short histories. A batch that does not fit drops its longest prompts' oldest
-  # items (counted). About batch_size * (mean prompt length / seq_len) * 1.15; 0: a row per example.
+  # items (counted). -1: the 95th percentile of the rows the first 64 batches need; 0: a row per example.
   c.data.pack_rows = 0
 
   c.train = ml_collections.ConfigDict()

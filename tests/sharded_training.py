@@ -35,33 +35,18 @@ from pixrec_jax import sharding as shd
 from pixrec_jax.data import catalog, examples, images, pipeline, processors, synthetic
 from pixrec_jax.models import scan
 from pixrec_jax.models.backbone import Backbone
-from pixrec_jax.models.config import BackboneConfig, Runtime, TextConfig, VisionConfig, gemma2_layer_types
+from pixrec_jax.models.config import BackboneConfig, Runtime
 from pixrec_jax.recsys.losses import LossWeights
 from pixrec_jax.recsys.model import HeadsConfig, PixRec
 from pixrec_jax.train import optim
 from pixrec_jax.train.trainer import Trainer
+from tests.tiny_backbones import IMAGE_SIZE, backbone_configs
 
 # name -> (data, fsdp, tensor, devices)
 # Pure data parallelism is the data axis of both meshes of 8 (a data8 mesh added a fifth of this test's time).
 MESHES = {"single": (1, 1, 1, 1), "fsdp4_data2": (2, 4, 1, 8), "tp2_fsdp2_dp2": (2, 2, 2, 8)}
 SCANNED = {"smolvlm": "fsdp4_data2", "paligemma": "tp2_fsdp2_dp2"}  # the mesh each family runs with scanned layers
 STEPS = 2
-IMAGE_SIZE = 16  # 2 x 2 patches of 8 pixels
-
-
-def backbone_configs(tok) -> dict[str, BackboneConfig]:
-  image = tok.convert_tokens_to_ids(examples.IMAGE_TOKEN)
-  vision = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        image_size=IMAGE_SIZE, patch_size=8)
-  llama = TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
-  gemma2 = TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
-                      hidden_act="gelu_pytorch_tanh", rms_norm_eps=1e-6, model_type="gemma2", query_pre_attn_scalar=8,
-                      attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4,
-                      layer_types=gemma2_layer_types(2))
-  return {"smolvlm": BackboneConfig("smolvlm", llama, vision, scale_factor=2, image_token_id=image),
-          "paligemma": BackboneConfig("paligemma", gemma2, vision, scale_factor=1, image_token_id=image)}
 
 
 def batches(ds, tok, splits, bcfg: BackboneConfig, pack_rows: int = 0) -> list[dict]:

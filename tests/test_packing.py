@@ -15,7 +15,7 @@ from pixrec_jax.recsys.losses import LossWeights
 from pixrec_jax.recsys.model import HeadsConfig, PixRec
 from pixrec_jax.train import optim
 from pixrec_jax.train.trainer import Trainer
-from tests.sharded_training import IMAGE_SIZE, backbone_configs
+from tests.tiny_backbones import IMAGE_SIZE, backbone_configs
 
 
 def _builder(ds, tok, bcfg, max_history=5):
@@ -122,3 +122,19 @@ def test_a_batch_packed_for_other_microbatches_is_refused(image_builder, small_s
     trainer(k).check_batch_size(packed[k])
     with pytest.raises(ValueError, match=f"packed for another train.grad_accum_steps than {k}"):
       trainer(k).check_batch_size(packed[other])
+
+
+def test_rows_chosen_from_the_data_are_those_the_training_batches_need(image_builder, small_splits):
+  """data.pack_rows=-1: the sampled lengths are the training batches' own, and the rows are a quantile of
+  the fewest each batch fits, per microbatch group, rounded to the devices."""
+  lengths = pipeline.sampled_prompt_lengths(small_splits.train, image_builder, batch_size=8, seed=5, batches=4)
+  plain = _batches(image_builder, small_splits, 4)
+  np.testing.assert_array_equal(lengths, [b["full_mask"].sum(axis=1) for b in plain])
+  s = image_builder.layout.seq_len
+  need = [packing.fewest_rows(list(b), s) for b in lengths]
+  assert packing.choose_rows(lengths, s, quantile=1.0) == max(need) < 8
+  assert packing.choose_rows(lengths, s, quantile=0.0) == min(need)
+  grouped = packing.choose_rows(lengths, s, groups=2, multiple=2, quantile=1.0)
+  assert grouped % 4 == 0 and grouped >= max(sum(packing.fewest_rows(list(b[j::2]), s) for j in (0, 1))
+                                             for b in lengths)
+  assert packing.choose_rows(np.full((2, 8), s), s) == 8  # never more rows than examples

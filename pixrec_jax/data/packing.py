@@ -134,3 +134,17 @@ def fewest_rows(lengths: Sequence[int], seq_len: int) -> int:
   while plan_rows(lengths, rows, seq_len) is None:
     rows += 1
   return rows
+
+
+def choose_rows(lengths: np.ndarray, seq_len: int, *, groups: int = 1, multiple: int = 1,
+                quantile: float = 0.95) -> int:
+  """Rows for data.pack_rows=-1: the `quantile` of the fewest rows each sampled batch of prompt `lengths`
+  (batches, B) packs into (in `groups` microbatch groups), rounded up to a multiple of groups x `multiple`
+  (the data-parallel devices), at most a row per example. A batch that needs more drops history items."""
+  step = groups * multiple
+  need = []
+  for batch in np.asarray(lengths):
+    need.append(sum(fewest_rows(list(batch[j::groups]), seq_len) for j in range(groups)))
+  rows = int(np.ceil(np.quantile(need, quantile)))
+  rows = -(-max(rows, 1) // step) * step
+  return min(rows, -(-lengths.shape[1] // step) * step)

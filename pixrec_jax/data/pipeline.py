@@ -222,6 +222,16 @@ def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilde
   return it
 
 
+def sampled_prompt_lengths(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, *, batch_size: int,
+                           seed: int, batches: int) -> np.ndarray:
+  """(batches, batch_size): the full prompts' lengths of the first global training batches, as
+  train_dataset draws them (same windows, no pixels read). The same on every host."""
+  ds = grain.MapDataset.source(list(train)).seed(seed).shuffle().repeat(max(1, 2**40 // max(len(train), 1)))
+  ds = ds.random_map(_SampleWindow(builder.layout.max_history), seed=seed).batch(batch_size, batch_fn=list)
+  return np.asarray([[int(builder.train_example(w.history, w.target, pixels=False)["full_mask"].sum()) for w in ds[i]]
+                     for i in range(batches)])
+
+
 def batch_nbytes(layout, batch_size: int, image_budget: int = 0) -> int:
   """About the bytes of one training batch of this layout: the pixels (uint8 packed rows, or float32
   slots) and the int32 token arrays."""

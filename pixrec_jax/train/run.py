@@ -22,7 +22,7 @@ from pixrec_jax import config_lib, flops
 from pixrec_jax import sharding as shd
 from pixrec_jax.convert import hf
 from pixrec_jax.data import processors
-from pixrec_jax.data import catalog, examples, images, paper_format, pipeline, synthetic
+from pixrec_jax.data import catalog, examples, images, packing, paper_format, pipeline, synthetic
 from pixrec_jax.eval import baselines, ranking, report
 from pixrec_jax.eval import bm25, generative
 from pixrec_jax.models.backbone import Backbone
@@ -122,10 +122,15 @@ class Job:
   trainer: Trainer
   steps: int
   text_only: bool
+  pack_rows: int = 0  # data.pack_rows, resolved (-1: chosen from the data)
 
   @property
   def is_main(self) -> bool:
     return jax.process_index() == 0
+
+
+# Global batches whose prompt lengths choose data.pack_rows=-1's row count.
+PACK_SAMPLE_BATCHES = 64
 
 
 def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
@@ -162,6 +167,19 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
     if image_budget % dp:
       raise ValueError(f"data.image_budget={image_budget} rows do not split evenly over {dp} data-parallel devices")
   pack_rows = cfg.data.get("pack_rows", 0)
+  if pack_rows < 0:
+    if pack_rows != -1:
+      raise ValueError(f"data.pack_rows={pack_rows}: use a row count, 0 (no packing) or -1 (chosen from the data)")
+    accum = cfg.train.get("grad_accum_steps", 1)
+    lengths = pipeline.sampled_prompt_lengths(splits.train, builder, batch_size=cfg.train.batch_size, seed=cfg.seed,
+                                              batches=PACK_SAMPLE_BATCHES)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    pack_rows = packing.choose_rows(lengths, layout.seq_len, groups=accum,
+                                    multiple=math.lcm(dp, jax.process_count()))
+    if jax.process_index() == 0:
+      print(f"pixrec_jax: data.pack_rows=-1 packs batches of {cfg.train.batch_size} prompts into {pack_rows} rows "
+            f"({100 * lengths.sum() / (lengths.size * layout.seq_len):.0f}% of the unpacked tokens are real in the "
+            f"first {PACK_SAMPLE_BATCHES} batches)", flush=True)
   if pack_rows:
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if pack_rows % dp or pack_rows % jax.process_count():
@@ -197,7 +215,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
     raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum_steps={accum}")
   trainer = Trainer(model_fn, tx, trainable, weights, mesh, sched, grad_accum_steps=accum,
                     freeze=cfg.train.get("freeze", ()), seed=cfg.seed)
-  return Job(cfg, workdir, dataset, splits, builder, mesh, trainer, steps, text_only)
+  return Job(cfg, workdir, dataset, splits, builder, mesh, trainer, steps, text_only, pack_rows)
 
 
 def init_state(job: Job):
@@ -214,7 +232,7 @@ def _train_iterator(job: Job):
                                      seed=cfg.seed, shard_index=shard, shard_count=shards,
                                      num_workers=cfg.data.num_workers,
                                      image_budget=cfg.data.get("image_budget", 0) // shards,
-                                     pack_rows=cfg.data.get("pack_rows", 0) // shards,
+                                     pack_rows=job.pack_rows // shards,
                                      pack_groups=cfg.train.get("grad_accum_steps", 1)))
 
 
@@ -271,7 +289,7 @@ def step_flops(job: Job) -> float | None:
   bcfg = zoo.backbone_config(job.cfg.model, job.builder.tokenizer)
   shapes = flops.step_shapes(job.builder.layout, job.cfg.train.batch_size,
                              images=job.cfg.data.get("image_budget", 0) or None,
-                             full_rows=job.cfg.data.get("pack_rows", 0) or None)
+                             full_rows=job.pack_rows or None)
   try:
     return flops.train_flops(bcfg, shapes, proj_dim=job.cfg.pixrec.proj_dim, trainable=job.cfg.train.trainable,
                              text_only=job.text_only)["total"]
@@ -351,7 +369,7 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
         preempted_at = step
         break
   summary = {"train_steps": job.steps, "train_seconds": round(time.perf_counter() - start, 2),
-             "final_train_metrics": last, "dropped_history_items": dropped}
+             "final_train_metrics": last, "dropped_history_items": dropped, "pack_rows": job.pack_rows}
   if preempted_at is not None:
     summary["preempted_at_step"] = preempted_at
   return state, summary
