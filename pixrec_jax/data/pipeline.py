@@ -185,6 +185,19 @@ def split_bookkeeping(batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
   return inputs, {k: batch[k] for k in BOOKKEEPING_KEYS if k in batch}
 
 
+def _windows(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, seed: int) -> grain.MapDataset:
+  """The stream of training windows: the users shuffled, epoch after epoch, one window drawn for each."""
+  if not train:
+    raise ValueError("no user has a training sequence of at least 2 items")
+  # A finite but practically endless repeat (2**40 examples): grain's infinite
+  # repeat reports sys.maxsize as its length, which a host slice cannot take at
+  # batch size 1. Element i is the same either way.
+  ds = grain.MapDataset.source(list(train)).seed(seed).shuffle().repeat(max(1, 2**40 // len(train)))
+  # Windows are drawn by global position (from the seed itself, not from grain's
+  # seed derivation, which shifts whenever an op is added upstream).
+  return ds.random_map(_SampleWindow(builder.layout.max_history), seed=seed)
+
+
 def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, *, batch_size: int, seed: int,
                   shard_index: int = 0, shard_count: int = 1, num_workers: int = 0,
                   prefetch_buffer: int = 4, image_budget: int = 0, pack_rows: int = 0,
@@ -197,19 +210,9 @@ def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilde
 
   `train` holds (user index, training sequence) pairs, as `catalog.leave_one_out` gives them.
   """
-  if not train:
-    raise ValueError("no user has a training sequence of at least 2 items")
-  # A finite but practically endless repeat (2**40 examples): grain's infinite
-  # repeat reports sys.maxsize as its length, which the host slice below cannot
-  # take at batch size 1. Element i is the same either way.
-  ds = grain.MapDataset.source(list(train)).seed(seed).shuffle().repeat(max(1, 2**40 // len(train)))
-  # Windows are drawn by global position (from the seed itself, not from grain's
-  # seed derivation, which shifts whenever an op is added upstream), and host h
-  # takes block h of every global batch (batch_size * shard_count examples), the
-  # rows its devices hold: so the global batches, and the run, are the same on any
-  # number of hosts.
-  ds = ds.random_map(_SampleWindow(builder.layout.max_history), seed=seed)
-  ds = ds.batch(batch_size, batch_fn=list)[shard_index::shard_count]
+  # Host h takes block h of every global batch (batch_size * shard_count examples), the rows its devices
+  # hold: so the global batches, and the run, are the same on any number of hosts.
+  ds = _windows(train, builder, seed).batch(batch_size, batch_fn=list)[shard_index::shard_count]
   if image_budget and builder.layout.text_only:
     raise ValueError("data.image_budget is set but the prompts have no images")
   ds = ds.map(_BuildTrainBatch(builder, image_budget, row_offset=shard_index * image_budget, pack_rows=pack_rows,
@@ -226,8 +229,7 @@ def sampled_prompt_lengths(train: Sequence[tuple[int, np.ndarray]], builder: Pro
                            seed: int, batches: int) -> np.ndarray:
   """(batches, batch_size): the full prompts' lengths of the first global training batches, as
   train_dataset draws them (same windows, no pixels read). The same on every host."""
-  ds = grain.MapDataset.source(list(train)).seed(seed).shuffle().repeat(max(1, 2**40 // max(len(train), 1)))
-  ds = ds.random_map(_SampleWindow(builder.layout.max_history), seed=seed).batch(batch_size, batch_fn=list)
+  ds = _windows(train, builder, seed).batch(batch_size, batch_fn=list)
   return np.asarray([[int(builder.train_example(w.history, w.target, pixels=False)["full_mask"].sum()) for w in ds[i]]
                      for i in range(batches)])
 
