@@ -13,6 +13,9 @@ causal throughout: PaliGemma's bidirectional prefix (token_type_ids) is not used
 
 On GPUs, --config.model.attention=pallas runs the fused soft-capping attention kernels
 (pixrec_jax/models/flash.py) in place of XLA's; exact, not yet timed on a GPU (BENCHMARKS.md).
+
+--config.data.pack_rows=-1 packs the prompts end to end (a third of a batch is padding at 1..5 history
+items of 256 image tokens each): the decoder reads about 12 rows of 1680 for 16 prompts (data/packing.py).
 """
 
 import pathlib

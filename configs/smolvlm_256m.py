@@ -9,6 +9,9 @@ initialised at full size (benchmarks). Options as in demo.py (text_only, paper, 
   python -m pixrec_jax.main --config configs/smolvlm_256m.py:paper \
       --config.model.path=/models/SmolVLM-256M-Instruct --config.data.source=dataset --config.data.path=DATA
   python -m pixrec_jax.main --config configs/smolvlm_256m.py --config.train.steps=20  # random init
+
+--config.data.pack_rows=-1 packs the prompts end to end (about a third of a batch is padding at 1..5
+history items): 16 prompts fit about 12 rows of 544 (pixrec_jax/data/packing.py).
 """
 
 import pathlib
