@@ -31,7 +31,7 @@ def _time_loader(job, batches: int, warmup: int) -> tuple[float, list]:
   cfg = job.cfg
   it = iter(pipeline.train_dataset(job.splits.train, job.builder, batch_size=cfg.train.batch_size, seed=cfg.seed,
                                    num_workers=cfg.data.num_workers, image_budget=cfg.data.get("image_budget", 0),
-                                   pack_rows=cfg.data.get("pack_rows", 0),
+                                   pack_rows=job.pack_rows,
                                    pack_groups=cfg.train.get("grad_accum_steps", 1)))
   made = [next(it) for _ in range(warmup)]  # Worker start-up and first prefetch are not throughput.
   start = time.perf_counter()
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
   result = {
       "config": args.config, "batch_size": cfg.train.batch_size, "seq_len": job.builder.layout.seq_len,
       "text_only": job.text_only, "num_workers": cfg.data.num_workers, "device": jax.devices()[0].device_kind,
-      "image_budget": cfg.data.get("image_budget", 0), "pack_rows": cfg.data.get("pack_rows", 0),
+      "image_budget": cfg.data.get("image_budget", 0), "pack_rows": job.pack_rows,
       "loader_batches_per_s": round(loader_bps, 3),
       "loader_examples_per_s": round(loader_bps * cfg.train.batch_size, 2),
       "train_steps_per_s": round(steps_ps, 3), "loader_over_step": round(loader_bps / steps_ps, 2),

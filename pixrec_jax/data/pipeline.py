@@ -210,6 +210,9 @@ def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilde
 
   `train` holds (user index, training sequence) pairs, as `catalog.leave_one_out` gives them.
   """
+  if pack_rows < 0 or image_budget < 0:
+    raise ValueError(f"pack_rows={pack_rows} and image_budget={image_budget} must be >= 0 here (data.pack_rows=-1 "
+                     "is resolved by pixrec_jax.train.run.setup into a row count)")
   # Host h takes block h of every global batch (batch_size * shard_count examples), the rows its devices
   # hold: so the global batches, and the run, are the same on any number of hosts.
   ds = _windows(train, builder, seed).batch(batch_size, batch_fn=list)[shard_index::shard_count]
