@@ -248,13 +248,13 @@ def main(argv=None) -> dict:
                           image_token=bcfg.image_token_id or 0, seed=cfg.seed, image_budget=image_budget)
   plain_batch = batch  # what the PyTorch reference runs: a row per prompt, as the paper's code pads them
   pack_rows = cfg.data.get("pack_rows", 0)
-  if args.pack_rows or pack_rows < 0:  # data.pack_rows=-1 (chosen from the data): here, this batch's fewest
-    from pixrec_jax.data import packing  # pylint: disable=import-outside-toplevel
-    pack_rows = (packing.fewest_rows(batch["full_mask"].sum(axis=1), layout.seq_len)
-                 if args.pack_rows == "auto" or (not args.pack_rows and pack_rows < 0) else int(args.pack_rows))
+  if args.pack_rows:
+    pack_rows = -1 if args.pack_rows == "auto" else int(args.pack_rows)
   if pack_rows:
     from pixrec_jax.data import packing  # pylint: disable=import-outside-toplevel
     lengths = batch["full_mask"].sum(axis=1)
+    if pack_rows < 0:  # auto, or data.pack_rows=-1 (chosen from the data): here, this batch's fewest rows
+      pack_rows = packing.fewest_rows(lengths, layout.seq_len)
     plan = packing.plan_rows(lengths, pack_rows, layout.seq_len)
     if plan is None:
       raise ValueError(f"data.pack_rows={pack_rows} rows cannot hold this batch's prompts; it needs "

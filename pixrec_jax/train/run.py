@@ -161,19 +161,17 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
   builder = examples.PromptBuilder(tokenizer, item_texts, store, layout)
 
   mesh = shd.make_mesh(**cfg.mesh.to_dict())
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  accum = cfg.train.get("grad_accum_steps", 1)
   image_budget = cfg.data.get("image_budget", 0)
-  if image_budget:
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if image_budget % dp:
-      raise ValueError(f"data.image_budget={image_budget} rows do not split evenly over {dp} data-parallel devices")
+  if image_budget % dp:
+    raise ValueError(f"data.image_budget={image_budget} rows do not split evenly over {dp} data-parallel devices")
   pack_rows = cfg.data.get("pack_rows", 0)
   if pack_rows < 0:
     if pack_rows != -1:
       raise ValueError(f"data.pack_rows={pack_rows}: use a row count, 0 (no packing) or -1 (chosen from the data)")
-    accum = cfg.train.get("grad_accum_steps", 1)
     lengths = pipeline.sampled_prompt_lengths(splits.train, builder, batch_size=cfg.train.batch_size, seed=cfg.seed,
                                               batches=PACK_SAMPLE_BATCHES)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
     pack_rows = packing.choose_rows(lengths, layout.seq_len, groups=accum,
                                     multiple=math.lcm(dp, jax.process_count()))
     if jax.process_index() == 0:
@@ -181,14 +179,11 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
             f"({100 * lengths.sum() / (lengths.size * layout.seq_len):.0f}% of the unpacked tokens are real in the "
             f"first {PACK_SAMPLE_BATCHES} batches)", flush=True)
   if pack_rows:
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if pack_rows % dp or pack_rows % jax.process_count():
-      raise ValueError(f"data.pack_rows={pack_rows} rows do not split evenly over {dp} data-parallel devices "
-                       f"and {jax.process_count()} processes")
+    if pack_rows % dp:
+      raise ValueError(f"data.pack_rows={pack_rows} rows do not split evenly over {dp} data-parallel devices")
     if pack_rows > cfg.train.batch_size:
       raise ValueError(f"data.pack_rows={pack_rows} is more rows than examples (train.batch_size="
                        f"{cfg.train.batch_size}): packing would add padding; use at most the batch size")
-    accum = cfg.train.get("grad_accum_steps", 1)
     if pack_rows % (jax.process_count() * accum):
       raise ValueError(f"data.pack_rows={pack_rows} rows do not split evenly over {jax.process_count()} processes x "
                        f"train.grad_accum_steps={accum} microbatches")
@@ -210,7 +205,6 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
                               b1=cfg.train.b1, b2=cfg.train.b2)
   trainable = optim.trainable_filter(cfg.train.trainable, tied_embeddings=bcfg.text.tie_word_embeddings,
                                      text_only=text_only, lora=adapters.enabled)
-  accum = cfg.train.get("grad_accum_steps", 1)
   if batch_size % accum:
     raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum_steps={accum}")
   trainer = Trainer(model_fn, tx, trainable, weights, mesh, sched, grad_accum_steps=accum,
