@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from pixrec_jax import xla_options
 from pixrec_jax.models import layers
 
 
@@ -46,7 +47,7 @@ def _time(fn, rounds: int, iters: int, sync=lambda r: None) -> float:
 
 
 def _jax(fn, *args):
-  f = jax.jit(fn)
+  f = jax.jit(fn, compiler_options=xla_options.compiler_options())  # as the train step compiles
   args = [jnp.asarray(a) for a in args]
   return lambda: f(*args)
 

@@ -28,6 +28,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from pixrec_jax import sharding as shd
+from pixrec_jax import xla_options
 from pixrec_jax.data import pipeline
 from pixrec_jax.data.catalog import EvalCase
 from pixrec_jax.data.examples import PromptBuilder
@@ -47,7 +48,8 @@ class EvalSettings:
 def _jitted(fn, graphdef, mesh):
   """One compiled embedding function per tower, model structure and mesh, reused across splits.
   Its output is replicated so that every process can read all of it."""
-  return jax.jit(lambda states, batch: fn(nnx.merge(graphdef, *states), batch), out_shardings=shd.replicated(mesh))
+  return jax.jit(lambda states, batch: fn(nnx.merge(graphdef, *states), batch), out_shardings=shd.replicated(mesh),
+                 compiler_options=xla_options.compiler_options(xla_options.platform_of(mesh)))
 
 
 def _embed(fn, graphdef, states, keys: Sequence, make_batches, mesh, settings: EvalSettings,

@@ -39,6 +39,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pixrec_jax import sharding as shd
+from pixrec_jax import xla_options
 from pixrec_jax.models import lora
 from pixrec_jax.recsys import losses
 from pixrec_jax.recsys.losses import LossWeights, mixed_loss
@@ -278,7 +279,8 @@ class Trainer:
   def jitted_step(self, batch_shardings: dict):
     """The train step jitted with the state's and the batch's shardings, the state donated."""
     return jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_shardings),
-                   out_shardings=(self.state_shardings, shd.replicated(self.mesh)), donate_argnums=(0,))
+                   out_shardings=(self.state_shardings, shd.replicated(self.mesh)), donate_argnums=(0,),
+                   compiler_options=xla_options.compiler_options(xla_options.platform_of(self.mesh)))
 
   def lower(self, abstract_batch: dict):
     """The train step lowered for the abstract state and a batch of these shapes (nothing is allocated)."""
