@@ -14,6 +14,7 @@ pin with `taskset -c 0` for one.
 The last line is one JSON object: {name: {"jax_ms", "torch_ms", "jax_over_torch"}}.
 
   python bench/cpu_ops.py                 # the demo decoder's shapes (batch 32 x 184 tokens)
+  python bench/cpu_ops.py --vision 3,1024,12,64   # also smolvlm_256m's vision attention (3 tiles at 512 px)
   taskset -c 0 python bench/cpu_ops.py    # one core
 """
 
@@ -58,8 +59,13 @@ def _torch(fn, *args, grad=()):
 
 
 def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, heads: int = 4, kv_heads: int = 2,
-          head_dim: int = 32, causal_blocks: int = 4, seed: int = 0) -> dict:
-  """{name: (ours, theirs)}: argument-free callables computing the same thing on the same float32 inputs."""
+          head_dim: int = 32, causal_blocks: int = 4, vision: tuple[int, int, int, int] | None = None,
+          seed: int = 0) -> dict:
+  """{name: (ours, theirs)}: argument-free callables computing the same thing on the same float32 inputs.
+
+  vision=(tiles, patches, heads, head_dim) adds a vision tower's bidirectional attention (every query head
+  its own key head; the last tile's trailing patches padding, as padded images are).
+  """
   rng = np.random.default_rng(seed)
   normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
   b, t, d, f = batch, seq, hidden, ffn
@@ -93,7 +99,7 @@ def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, he
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True)
     return torch.autograd.grad((out * out).sum(), [q, k, v])
 
-  return {
+  pairs = {
       "linear forward x @ W": (_jax(lambda x, w: x @ w, x, w), _torch(lambda x, w: x @ w, x, w)),
       "linear input gradient dy @ W.T": (_jax(lambda dy, w: dy @ w.T, dy, w), _torch(lambda dy, w: dy @ w.T, dy, w)),
       "linear weight gradient x.T @ dy": (_jax(lambda x, dy: x.T @ dy, x, dy), _torch(lambda x, dy: x.T @ dy, x, dy)),
@@ -102,6 +108,25 @@ def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, he
       "causal GQA attention forward + backward": (_jax(jax_attention, q, k, v, mask),
                                                   _torch(torch_attention, q, k, v, mask, grad=(0, 1, 2))),
   }
+  if vision:
+    tiles, patches, vheads, vdim = vision
+    vq, vk, vv = (normal(tiles, patches, vheads, vdim) for _ in range(3))
+    keys = np.ones((tiles, 1, 1, patches), bool)
+    keys[-1, ..., patches - patches // 4:] = False
+    vscale = vdim**-0.5
+
+    def jax_vision(q, k, v, mask):
+      loss = lambda q, k, v: jnp.sum(layers.attention(q, k, v, mask, vscale)**2)
+      return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    def torch_vision(q, k, v, mask):
+      out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                             attn_mask=mask, scale=vscale)
+      return torch.autograd.grad((out * out).sum(), [q, k, v])
+
+    pairs[f"vision attention {tiles} x {patches} patches"] = (_jax(jax_vision, vq, vk, vv, keys),
+                                                              _torch(torch_vision, vq, vk, vv, keys, grad=(0, 1, 2)))
+  return pairs
 
 
 def main(argv=None) -> dict:
@@ -114,12 +139,15 @@ def main(argv=None) -> dict:
   parser.add_argument("--kv-heads", type=int, default=2)
   parser.add_argument("--head-dim", type=int, default=32)
   parser.add_argument("--causal-blocks", type=int, default=4, help="as model.causal_blocks (ours only)")
+  parser.add_argument("--vision", default="", help="TILES,PATCHES,HEADS,HEAD_DIM: also a vision tower's attention "
+                      "(SigLIP at 512 px as smolvlm_256m trains it: 3,1024,12,64)")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--iters", type=int, default=10)
   args = parser.parse_args(argv)
   jax.config.update("jax_platforms", "cpu")
   b, t, d, f, n, kv, h = args.batch, args.seq, args.hidden, args.ffn, args.heads, args.kv_heads, args.head_dim
-  pairs = cases(b, t, d, f, n, kv, h, args.causal_blocks)
+  vision = tuple(int(x) for x in args.vision.split(",")) if args.vision else None
+  pairs = cases(b, t, d, f, n, kv, h, args.causal_blocks, vision)
   sync = jax.block_until_ready
   print(f"{b} x {t} tokens, hidden {d}, MLP {f}, {n} heads ({kv} KV) of {h}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; jax {jax.__version__}")

@@ -241,21 +241,55 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
   if implementation != "xla":
     raise ValueError(f"attention implementation must be 'xla', 'cudnn' or 'pallas', got {implementation!r}")
   b, t, n, h = q.shape
-  kv_heads = k.shape[2]
+  kv_heads, s = k.shape[2], k.shape[1]
   groups = n // kv_heads
-  # Queries as (B, K, G, T, H): the (B, K, G, T, S) logits then come out of the batched matmul in the order
-  # the softmax and the second matmul read them. With the queries in (B, T, K, G, H) order the matmul writes
-  # (B, K, T, G, S), and XLA transposes the largest tensor of the layer (and its gradient) to reorder it.
-  q = q.reshape(b, t, kv_heads, groups, h).transpose(0, 2, 3, 1, 4)
-  logits = einsum_f32("bkgth,bskh->bkgts", q, k) * scale
-  if softcap is not None:
-    logits = softcapped(logits, softcap)
+  # Queries as (B, K, G x T, H), keys and values as (B, K, S, H): both matmuls are plain (B, K)-batched
+  # matmuls, and the (B, K, G x T, S) logits come out in the order the softmax and the second matmul read
+  # them. With the queries in (B, T, K, G, H) order the matmul writes (B, K, T, G, S), and XLA transposes
+  # the largest tensor of the layer (and its gradient) to reorder it. Folding G into T (a reshape of
+  # adjacent axes) leaves the data where it was; XLA's CPU backend runs the folded matmuls faster than
+  # ones with a separate G axis (bench/cpu_ops.py: the demo's attention 28.5 -> 24.9 ms, SigLIP's
+  # 1024-patch attention 943 -> 501 ms, forward and backward).
+  q = q.reshape(b, t, kv_heads, groups, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * t, h)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   if mask is not None:
-    mask = jnp.broadcast_to(mask, (b, 1, t, mask.shape[-1]))[:, :, None]  # (B, 1, 1, T, S)
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskh->bkgth", probs, v)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    mask = jnp.broadcast_to(mask, (b, 1, t, mask.shape[-1]))
+
+  def attend(q, k, v, mask):  # (.., G x T, H), (.., S, H), (.., S, H), (.., 1, T, S) or None
+    logits = einsum_f32("...th,...sh->...ts", q, k) * scale
+    if softcap is not None:
+      logits = softcapped(logits, softcap)
+    if mask is not None:
+      shape = logits.shape
+      logits = logits.reshape(shape[:-2] + (groups, t, s))
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min).reshape(shape)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("...ts,...sh->...th", probs, v)
+
+  if _map_heads(groups, t, s):
+    # One KV head at a time (the batch stays a batch axis): XLA:CPU writes each op's whole output
+    # before the next reads it, and a vision tower's logits for every head at once (SigLIP at 512 px:
+    # 12 x 1024 x 1024 float32 a tile) make each softmax pass a trip to memory.
+    out = jax.lax.map(lambda qkv: attend(*qkv, mask), (q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1)))
+    out = out.swapaxes(0, 1)
+  else:
+    out = attend(q, k, v, None if mask is None else mask[:, :, None])
+  return out.reshape(b, kv_heads, groups, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+MAP_HEADS_MIN_LOGITS = 512 * 512
+
+
+def _map_heads(groups: int, queries: int, keys: int) -> bool:
+  """Whether XLA attention maps over KV heads: on CPU, for attention without grouped queries (each query
+  head its own KV head, as vision towers have) of at least 512 x 512 logits a head, where the map measured
+  faster (bench/cpu_ops.py --vision: SigLIP at 512 px, 3 tiles, forward and backward 501 -> 384 ms; 576 and
+  729 patches likewise); grouped-query decoders and smaller attention ran slower mapped. Never under a mesh
+  that shards heads (tensor parallelism), where the map would walk a sharded axis."""
+  if groups != 1 or queries * keys < MAP_HEADS_MIN_LOGITS or jax.default_backend() != "cpu":
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or "tensor" not in mesh.axis_names or mesh.shape["tensor"] == 1
 
 
 @functools.cache
