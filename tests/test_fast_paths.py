@@ -161,3 +161,37 @@ def test_decoders_block_only_causal_attention(monkeypatch):
   cache = blocked.init_cache(2, 24)
   forward(blocked, x, jnp.ones((2, 24), jnp.int32), cache=cache)
   assert seen and set(seen) == {1}, seen
+
+
+def _largest_fusion(layers_count: int, monkeypatch, barrier: bool = True) -> int:
+  """Lines in the largest fused computation of a tiny SigLIP tower's compiled gradient."""
+  import re  # pylint: disable=import-outside-toplevel
+  from pixrec_jax import xla_options  # pylint: disable=import-outside-toplevel
+  cfg = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers_count, num_attention_heads=2,
+                     image_size=32, patch_size=8)
+  graphdef, state = nnx.split(siglip.VisionTransformer(cfg, Runtime(), nnx.Rngs(0)))
+  loss = lambda state, pixels: jnp.sum(nnx.merge(graphdef, state)(pixels, None) ** 2)
+  with monkeypatch.context() as patch:
+    if not barrier:
+      patch.setattr(layers, "residual_barrier", lambda x: x)
+    text = jax.jit(jax.grad(loss), compiler_options=xla_options.compiler_options()).lower(
+        state, jnp.ones((2, 3, 32, 32))).compile().as_text()
+  return max(len(body.splitlines()) for body in re.findall(r"\n%fused_computation\S* .*?\{\n(.*?)\n\}", text, re.S))
+
+
+def test_vision_residual_gradients_are_written_once_a_layer_on_cpu(monkeypatch):
+  """Without layers.residual_barrier XLA:CPU fuses the residual-gradient chain of every layer above into each
+  layer's fusions (the largest fusion grows with depth); with it the largest fusion is the same at any depth."""
+  assert _largest_fusion(8, monkeypatch) == _largest_fusion(2, monkeypatch)
+  assert _largest_fusion(8, monkeypatch, barrier=False) > 2 * _largest_fusion(2, monkeypatch, barrier=False)
+
+
+def test_residual_barrier_is_the_identity_forward_and_backward():
+  x = jnp.asarray([[1.0, -2.0], [3.0, 0.5]])
+  f = lambda x, barrier: jnp.sum(jnp.sin(barrier(x) * x) ** 2)
+  got = jax.jit(jax.value_and_grad(lambda x: f(x, layers.residual_barrier)))(x)
+  want = jax.value_and_grad(lambda x: f(x, lambda y: y))(x)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  nan_first = jax.grad(lambda x: jnp.sum(layers.residual_barrier(x) * jnp.asarray([[jnp.nan, 1.0], [1.0, 1.0]])))(x)
+  assert np.isnan(nan_first[0, 0]) and np.all(np.asarray(nan_first).ravel()[1:] == 1.0)

@@ -67,6 +67,40 @@ def _einsum_f32_bwd(spec, residuals, g):
 einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
 
 
+def residual_barrier(x: jax.Array) -> jax.Array:
+  """x unchanged; on CPU its gradient is written out here, once, in the backward pass.
+
+  Each layer's residual-stream gradient is the next layer's plus that layer's branches (LayerNorm
+  backward and all). XLA's CPU backend fused the whole chain of those sums, from the top layer down,
+  into the transposes that feed each layer's weight-gradient matmuls, recomputing it for every layer,
+  column by column: a cost that grows with depth (SmolVLM's 12-layer SigLIP at 3 tiles: 768 x 3072
+  transposes taking 0.22 s in the first layer to 0.47 s in the last, 5.6 of the step's 22.6 s of thread
+  time). An `optimization_barrier` does not stop it (XLA:CPU removes barriers before fusing); a
+  conditional does, since nothing fuses across one. So the gradient passes through a `lax.cond` whose two
+  branches both return it (the predicate reads one element, which XLA cannot fold away), one array per
+  layer. Called by the SigLIP vision tower (the decoders showed no such chain). On other platforms: the
+  identity.
+  """
+  return _residual_barrier(x) if jax.default_backend() == "cpu" else x
+
+
+@jax.custom_vjp
+def _residual_barrier(x: jax.Array) -> jax.Array:
+  return x
+
+
+def _residual_barrier_fwd(x):
+  return x, None
+
+
+def _residual_barrier_bwd(_, g):
+  first = g.reshape(-1)[0]
+  return (jax.lax.cond(first == first, lambda g: g, lambda g: g * 1, g),)  # g either way (NaN * 1 is NaN)
+
+
+_residual_barrier.defvjp(_residual_barrier_fwd, _residual_barrier_bwd)
+
+
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
   if len(axes) != len(shape):
     raise ValueError(f"logical axes {axes} do not match parameter shape {tuple(shape)}")

@@ -124,6 +124,7 @@ class VisionEncoderLayer(nnx.Module):
     self.mlp = VisionMLP(cfg, rt, rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    x = layers.residual_barrier(x)
     x = x + self.self_attn(self.layer_norm1(x), mask)
     x = x + self.mlp(self.layer_norm2(x))
     return sharding.constrain(x, ("batch", "length", None))
