@@ -5,25 +5,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pixrec_jax import sharding as shd
-from pixrec_jax.models.backbone import Backbone
-from pixrec_jax.models.config import BackboneConfig, Runtime, TextConfig, VisionConfig
-from pixrec_jax.recsys.losses import LossWeights
-from pixrec_jax.recsys.model import HeadsConfig, PixRec
-from pixrec_jax.train import optim
-from pixrec_jax.train.trainer import Trainer
+from tests import tiny_backbones
 
 
 def test_random_state_matches_init_state_and_trains():
-  text = TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1, head_dim=8, tie_word_embeddings=False)
-  vision = VisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        image_size=16, patch_size=8)
-  bcfg = BackboneConfig("idefics3", text, vision, scale_factor=1, image_token_id=63)
-  model_fn = lambda: PixRec(Backbone(bcfg, Runtime(), rngs=nnx.Rngs(0)), HeadsConfig(proj_dim=8, text_only=True),
-                            rngs=nnx.Rngs(1))
-  tx, _ = optim.optimizer(lr=1e-3, steps=10, warmup_steps=0, weight_decay=0.0, clip_norm=1.0)
-  trainer = Trainer(model_fn, tx, nnx.Param, LossWeights(0.3, 0.4, 0.2), shd.make_mesh(1, 1, 1))
+  trainer = tiny_backbones.text_only_trainer()
   real, fast = trainer.init_state(), trainer.random_state(seed=3)
   assert jax.tree.structure(real) == jax.tree.structure(fast)
   for a, b in zip(jax.tree.leaves(real), jax.tree.leaves(fast)):

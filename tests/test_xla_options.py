@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pixrec_jax import sharding as shd
 from pixrec_jax import xla_options
 from pixrec_jax.eval import ranking
-from pixrec_jax.models.backbone import Backbone
-from pixrec_jax.models.config import BackboneConfig, Runtime, TextConfig, VisionConfig
-from pixrec_jax.recsys.losses import LossWeights
-from pixrec_jax.recsys.model import HeadsConfig, PixRec
-from pixrec_jax.train import optim
-from pixrec_jax.train.trainer import Trainer
+from tests import tiny_backbones
 
 BOGUS = {"xla_cpu_no_such_option_for_this_test": "1"}
 
@@ -64,22 +58,10 @@ def test_same_values_with_and_without_the_options():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-def _trainer():
-  text = TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    num_key_value_heads=1, head_dim=8, tie_word_embeddings=False)
-  vision = VisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        image_size=16, patch_size=8)
-  bcfg = BackboneConfig("idefics3", text, vision, scale_factor=1, image_token_id=63)
-  model_fn = lambda: PixRec(Backbone(bcfg, Runtime(), rngs=nnx.Rngs(0)), HeadsConfig(proj_dim=8, text_only=True),
-                            rngs=nnx.Rngs(1))
-  tx, _ = optim.optimizer(lr=1e-3, steps=10, warmup_steps=0, weight_decay=0.0, clip_norm=1.0)
-  return Trainer(model_fn, tx, nnx.Param, LossWeights(0.3, 0.4, 0.2), shd.make_mesh(1, 1, 1))
-
-
 def test_the_train_step_and_the_towers_compile_with_the_options(monkeypatch):
   """An option XLA does not know fails the compile by name: so the step and the towers do pass ours on."""
   monkeypatch.setattr(xla_options, "compiler_options", lambda platform=None: dict(BOGUS))
-  trainer = _trainer()
+  trainer = tiny_backbones.text_only_trainer(num_hidden_layers=1)
   b, s = 2, 8
   batch = dict(full_ids=np.zeros((b, s), np.int32), full_mask=np.ones((b, s), np.int32),
                user_mask=np.ones((b, s), np.int32), target_mask=np.zeros((b, s), np.int32),
