@@ -90,14 +90,18 @@ def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, he
     y = (torch.nn.functional.silu(x @ gate) * (x @ up)) @ down
     return torch.autograd.grad((y * y).sum(), [gate, up, down, x])
 
-  def jax_attention(q, k, v, mask):
-    loss = lambda q, k, v: jnp.sum(layers.attention(q, k, v, mask, scale, causal_blocks=causal_blocks)**2)
-    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  def jax_attention(scale, causal_blocks=1):  # dQ, dK, dV of sum(attention^2), ours
+    def grads(q, k, v, mask):
+      loss = lambda q, k, v: jnp.sum(layers.attention(q, k, v, mask, scale, causal_blocks=causal_blocks)**2)
+      return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    return grads
 
-  def torch_attention(q, k, v, mask):
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True)
-    return torch.autograd.grad((out * out).sum(), [q, k, v])
+  def torch_attention(scale):  # the same with PyTorch's fused kernel (grouped queries where K < N)
+    def grads(q, k, v, mask):
+      out = torch.nn.functional.scaled_dot_product_attention(
+          q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True)
+      return torch.autograd.grad((out * out).sum(), [q, k, v])
+    return grads
 
   pairs = {
       "linear forward x @ W": (_jax(lambda x, w: x @ w, x, w), _torch(lambda x, w: x @ w, x, w)),
@@ -105,27 +109,17 @@ def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, he
       "linear weight gradient x.T @ dy": (_jax(lambda x, dy: x.T @ dy, x, dy), _torch(lambda x, dy: x.T @ dy, x, dy)),
       "SwiGLU MLP forward + backward": (_jax(jax_mlp, x, gate, up, down),
                                         _torch(torch_mlp, x, gate, up, down, grad=(0, 1, 2, 3))),
-      "causal GQA attention forward + backward": (_jax(jax_attention, q, k, v, mask),
-                                                  _torch(torch_attention, q, k, v, mask, grad=(0, 1, 2))),
+      "causal GQA attention forward + backward": (_jax(jax_attention(scale, causal_blocks), q, k, v, mask),
+                                                  _torch(torch_attention(scale), q, k, v, mask, grad=(0, 1, 2))),
   }
   if vision:
     tiles, patches, vheads, vdim = vision
     vq, vk, vv = (normal(tiles, patches, vheads, vdim) for _ in range(3))
     keys = np.ones((tiles, 1, 1, patches), bool)
     keys[-1, ..., patches - patches // 4:] = False
-    vscale = vdim**-0.5
-
-    def jax_vision(q, k, v, mask):
-      loss = lambda q, k, v: jnp.sum(layers.attention(q, k, v, mask, vscale)**2)
-      return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-
-    def torch_vision(q, k, v, mask):
-      out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                             attn_mask=mask, scale=vscale)
-      return torch.autograd.grad((out * out).sum(), [q, k, v])
-
-    pairs[f"vision attention {tiles} x {patches} patches"] = (_jax(jax_vision, vq, vk, vv, keys),
-                                                              _torch(torch_vision, vq, vk, vv, keys, grad=(0, 1, 2)))
+    pairs[f"vision attention {tiles} x {patches} patches"] = (
+        _jax(jax_attention(vdim**-0.5), vq, vk, vv, keys),
+        _torch(torch_attention(vdim**-0.5), vq, vk, vv, keys, grad=(0, 1, 2)))
   return pairs
 
 

@@ -28,11 +28,7 @@ from pixrec_jax.train import run
 
 def _time_loader(job, batches: int, warmup: int) -> tuple[float, list]:
   """Batches per second of the training pipeline alone, and the batches it made."""
-  cfg = job.cfg
-  it = iter(pipeline.train_dataset(job.splits.train, job.builder, batch_size=cfg.train.batch_size, seed=cfg.seed,
-                                   num_workers=cfg.data.num_workers, image_budget=cfg.data.get("image_budget", 0),
-                                   pack_rows=job.pack_rows,
-                                   pack_groups=cfg.train.get("grad_accum_steps", 1)))
+  it = run._train_iterator(job)  # as training reads it
   made = [next(it) for _ in range(warmup)]  # Worker start-up and first prefetch are not throughput.
   start = time.perf_counter()
   made += [next(it) for _ in range(batches)]

@@ -38,11 +38,11 @@ def compiler_options(platform: str | None = None) -> dict | None:
 @functools.cache
 def _accepted_cpu_options(xla_flags: str) -> tuple:
   options = []
+  one = jax.device_put(1.0, jax.devices("cpu")[0])
   for name, value in CPU_OPTIONS.items():
     if f"--{name}" in xla_flags:
       continue  # the user's XLA_FLAGS chose this one
     try:
-      one = jax.device_put(1.0, jax.devices("cpu")[0])
       jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(one).compile()
     except jax.errors.JaxRuntimeError as e:
       logging.warning("this jaxlib (%s) does not take the XLA CPU option %s=%s (%s); compiling without it",
