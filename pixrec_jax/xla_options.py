@@ -2,10 +2,9 @@
 
 CPU: XLA's CPU backend runs matmuls as YNNPACK fusions. Its default fuses each matmul on its
 own ("individual dot" fusions); with `LIBRARY_FUSION_TYPE_DOT` the same matmuls (and a
-cheap elementwise neighbour now and then) become YNNPACK "dot" fusions, which a profile
-shows running about twice as fast (a SwiGLU MLP's forward and backward at the demo's
-shapes: each of its four YNNPACK calls 2-3x faster on 2 cores, about 2x on one; the whole
-piece 23.6 -> 15.5 ms). The demo's train step goes from 346-349 to 228-231 ms (272-277 to
+cheap elementwise neighbour now and then) become YNNPACK "dot" fusions, which run faster
+(a SwiGLU MLP's forward and backward at the demo's shapes, `bench/cpu_ops.py`: 21-22 ->
+14 ms). The demo's train step goes from 346-349 to 228-231 ms (272-277 to
 186-187 with packed prompts) and its main job from 262 to 186 s (BENCHMARKS.md, "XLA's CPU
 matmul fusions"). Results agree to float32 rounding (the main job's metrics to the last digit).
 

@@ -73,9 +73,8 @@ def residual_barrier(x: jax.Array) -> jax.Array:
   Each layer's residual-stream gradient is the next layer's plus that layer's branches (LayerNorm
   backward and all). XLA's CPU backend fused the whole chain of those sums, from the top layer down,
   into the transposes that feed each layer's weight-gradient matmuls, recomputing it for every layer,
-  column by column: a cost that grows with depth (SmolVLM's 12-layer SigLIP at 3 tiles: 768 x 3072
-  transposes taking 0.22 s in the first layer to 0.47 s in the last, 5.6 of the step's 22.6 s of thread
-  time). An `optimization_barrier` does not stop it (XLA:CPU removes barriers before fusing); a
+  column by column: a cost that grows with depth (SmolVLM's 12-layer SigLIP at 3 tiles: BENCHMARKS.md,
+  "The vision tower's residual gradients"). An `optimization_barrier` does not stop it (XLA:CPU removes barriers before fusing); a
   conditional does, since nothing fuses across one. So the gradient passes through a `lax.cond` whose two
   branches both return it (the predicate reads one element, which XLA cannot fold away), one array per
   layer. Called by the SigLIP vision tower (the decoders showed no such chain). On other platforms: the
@@ -282,8 +281,7 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
   # them. With the queries in (B, T, K, G, H) order the matmul writes (B, K, T, G, S), and XLA transposes
   # the largest tensor of the layer (and its gradient) to reorder it. Folding G into T (a reshape of
   # adjacent axes) leaves the data where it was; XLA's CPU backend runs the folded matmuls faster than
-  # ones with a separate G axis (bench/cpu_ops.py: the demo's attention 28.5 -> 24.9 ms, SigLIP's
-  # 1024-patch attention 943 -> 501 ms, forward and backward).
+  # ones with a separate G axis (BENCHMARKS.md, "XLA attention on the CPU").
   q = q.reshape(b, t, kv_heads, groups, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * t, h)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   if mask is not None:
@@ -304,8 +302,8 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
     # One KV head at a time (the batch stays a batch axis): XLA:CPU writes each op's whole output
     # before the next reads it, and a vision tower's logits for every head at once (SigLIP at 512 px:
     # 12 x 1024 x 1024 float32 a tile) make each softmax pass a trip to memory. Each head's logits are
-    # recomputed in the backward pass instead of stored (jax.checkpoint): SigLIP at 512 px 402 -> 373 ms
-    # forward and backward, and no 12 MB of probabilities a head kept per layer until the backward pass.
+    # recomputed in the backward pass instead of stored (jax.checkpoint): faster on CPU, and no 12 MB of
+    # probabilities a head kept per layer until the backward pass (BENCHMARKS.md).
     heads = (q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1))
     out = jax.lax.map(jax.checkpoint(lambda qkv: attend(*qkv, mask)), heads)
     out = out.swapaxes(0, 1)
@@ -320,9 +318,9 @@ MAP_HEADS_MIN_LOGITS = 512 * 512
 def _map_heads(groups: int, queries: int, keys: int) -> bool:
   """Whether XLA attention maps over KV heads: on CPU, for attention without grouped queries (each query
   head its own KV head, as vision towers have) of at least 512 x 512 logits a head, where the map measured
-  faster (bench/cpu_ops.py --vision: SigLIP at 512 px, 3 tiles, forward and backward 501 -> 384 ms; 576 and
-  729 patches likewise); grouped-query decoders and smaller attention ran slower mapped. Never under a mesh
-  that shards heads (tensor parallelism), where the map would walk a sharded axis."""
+  faster (`bench/cpu_ops.py --vision`: SigLIP's 576-1024 patches); grouped-query decoders and smaller
+  attention ran slower mapped. Never under a mesh that shards heads (tensor parallelism), where the map
+  would walk a sharded axis."""
   if groups != 1 or queries * keys < MAP_HEADS_MIN_LOGITS or jax.default_backend() != "cpu":
     return False
   mesh = jax.sharding.get_abstract_mesh()
