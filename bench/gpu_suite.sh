@@ -25,6 +25,7 @@
 #              against XLA's on the GPU first, at PaliGemma 2 3B's and SmolVLM-256M's decoder shapes
 #   smolvlm_packed[@B], paligemma_packed[@B]  the same with the full prompts packed into the fewest rows
 #              they fit (data.pack_rows; --pack-rows auto), compared with the plain item's PyTorch reference
+#   smolvlm_items[@B]  smolvlm_packed with the items read alone in the rows too (data.pack_items)
 #   smolvlm_loop  smolvlm with its layers unrolled (model.scan_layers=False), no PyTorch run of its own
 #   loader     bench/loader_vs_step.py: the training input pipeline alone at the smolvlm shapes
 #              ($LOADER_WORKERS worker processes), against the examples/s of this run's smolvlm step
@@ -160,6 +161,12 @@ for item in $ITEMS; do
       budget=$((SMOLVLM_BUDGET * b / SMOLVLM_BATCH))
       smolvlm_step "$item" 150 cudnn --scan-layers --pack-rows auto
       keep_profile "$item" ;;
+    smolvlm_items|smolvlm_items@*)
+      # smolvlm_packed with the items read alone packed into the rows too (data.pack_items: one decoder pass).
+      b=$(batch_of "$item" "$SMOLVLM_BATCH")
+      budget=$((SMOLVLM_BUDGET * b / SMOLVLM_BATCH))
+      smolvlm_step "$item" 150 cudnn --scan-layers --pack-rows auto --config.data.pack_items=True
+      keep_profile "$item" ;;
     paligemma_packed|paligemma_packed@*)
       b=$(batch_of "$item" "$PALIGEMMA_BATCH")
       run "$item" 190 "$PY" bench/train_step.py --config configs/paligemma2_3b_224.py --batch "$b" \
@@ -180,7 +187,7 @@ r=[x['examples_per_s'] for x in r if x['item'].startswith('smolvlm') and 'exampl
         --step-examples-per-s "$rate" --batches 40 --config.train.batch_size="$SMOLVLM_BATCH" \
         --config.data.image_budget="$SMOLVLM_BUDGET" --config.data.num_workers="$LOADER_WORKERS" \
         --workdir "$SPECS/loader" ;;
-    *) echo "unknown item $item (demo smolvlm[@B] smolvlm_loop smolvlm_packed[@B] paligemma[@B] paligemma_pallas[@B]" \
+    *) echo "unknown item $item (demo smolvlm[@B] smolvlm_loop smolvlm_packed[@B] smolvlm_items[@B] paligemma[@B] paligemma_pallas[@B]" \
             "paligemma_packed[@B] attention loader)" ;;
   esac
 done
@@ -208,7 +215,7 @@ for name, r in rows.items():
           f"{r.get('loader_over_step')}x the step's {r.get('train_steps_per_s')} steps/s")
     summary[name] = r
     continue
-  theirs = rows.get(name.replace("_xla", "").replace("_loop", "").replace("_pallas", "").replace("_packed", "")
+  theirs = rows.get(name.replace("_xla", "").replace("_loop", "").replace("_pallas", "").replace("_packed", "").replace("_items", "")
                     + "_torch", {})
   ratio = None
   if r.get("examples_per_s") and theirs.get("torch_examples_per_s"):

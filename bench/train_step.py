@@ -250,16 +250,19 @@ def main(argv=None) -> dict:
   pack_rows = cfg.data.get("pack_rows", 0)
   if args.pack_rows:
     pack_rows = -1 if args.pack_rows == "auto" else int(args.pack_rows)
+  pack_items = bool(cfg.data.get("pack_items", False))
+  if pack_items and not pack_rows:
+    raise ValueError("data.pack_items needs data.pack_rows (or --pack-rows)")
   if pack_rows:
     from pixrec_jax.data import packing  # pylint: disable=import-outside-toplevel
-    lengths = batch["full_mask"].sum(axis=1)
+    lengths = packing.segment_lengths(batch, items=pack_items)
     if pack_rows < 0:  # auto, or data.pack_rows=-1 (chosen from the data): here, this batch's fewest rows
       pack_rows = packing.fewest_rows(lengths, layout.seq_len)
     plan = packing.plan_rows(lengths, pack_rows, layout.seq_len)
     if plan is None:
-      raise ValueError(f"data.pack_rows={pack_rows} rows cannot hold this batch's prompts; it needs "
-                       f"{packing.fewest_rows(lengths, layout.seq_len)}")
-    batch = packing.pack_rows(batch, plan)
+      raise ValueError(f"data.pack_rows={pack_rows} rows cannot hold this batch's prompts"
+                       f"{' and items' if pack_items else ''}; it needs {packing.fewest_rows(lengths, layout.seq_len)}")
+    batch = packing.pack_rows(batch, plan, items=pack_items)
   from pixrec_jax.models.config import Runtime  # pylint: disable=import-outside-toplevel
   known = {f.name for f in dataclasses.fields(Runtime)}
   runtime = {k: v for k, v in (("scan_layers", args.scan_layers or None), ("remat", args.remat or None)) if v}
@@ -300,14 +303,16 @@ def main(argv=None) -> dict:
   loss = float(jax.device_get(metrics[0]["loss"]))
   n_dev = trainer.mesh.size
   kind = jax.devices()[0].device_kind
-  shapes = flops.step_shapes(layout, batch_size, images=image_budget or None, full_rows=pack_rows or None)
+  shapes = flops.step_shapes(layout, batch_size, images=image_budget or None, full_rows=pack_rows or None,
+                             items_packed=pack_items)
   count = flops.train_flops(bcfg, shapes, proj_dim=cfg.pixrec.proj_dim, trainable=cfg.train.trainable,
                             text_only=text_only)
   util = flops.mfu(count["total"], step_s, n_dev, kind)
   result = {
       "bench": "train_step", "config": args.config, "device": kind, "num_devices": n_dev, "platform":
       jax.devices()[0].platform, "batch": batch_size, "seq_len": layout.seq_len, "item_len": layout.item_len,
-      "images_per_step": shapes.images, "image_budget": image_budget, "pack_rows": pack_rows, "dtype": rt.dtype, "attention": rt.attention,
+      "images_per_step": shapes.images, "image_budget": image_budget, "pack_rows": pack_rows, "pack_items": pack_items,
+      "dtype": rt.dtype, "attention": rt.attention,
       "runtime": dataclasses.asdict(rt), "trainable": cfg.train.trainable, "step_s": round(step_s, 5),
       "warmup_s": round(warm_s, 1), "cpu_s_per_step": round(cpu_s, 4), "examples_per_s": round(batch_size / step_s, 3),
       "tflop_per_step": round(count["total"] / 1e12, 4), "tflops_per_device": round(util["tflops_per_device"], 3),
@@ -316,7 +321,8 @@ def main(argv=None) -> dict:
   if resident_s is not None:
     result["resident_examples_per_s"] = round(batch_size / resident_s, 3)
     print(f"on a device-resident batch: {resident_s * 1e3:.1f} ms, {result['resident_examples_per_s']:.2f} examples/s")
-  print(f"{args.config}: batch {batch_size}" + (f" in {pack_rows} packed rows" if pack_rows else "")
+  rows = f" in {pack_rows} packed rows" + (" with their items" if pack_items else "") if pack_rows else ""
+  print(f"{args.config}: batch {batch_size}{rows}"
         + f", seq {layout.seq_len}/{layout.item_len}, {shapes.images} images/step, "
         f"{rt.dtype} compute, {rt.attention} attention on {n_dev} x {kind}")
   print(f"step {step_s * 1e3:.1f} ms (median of {args.rounds} x {args.steps}), {result['examples_per_s']:.2f} "

@@ -72,6 +72,7 @@ def get_config(arg=None):
   # decoder skips the padding of short histories. A batch that does not fit drops its longest prompts' oldest
   # items (counted). -1: the 95th percentile of the rows the first 64 batches need; 0: a row per example.
   c.data.pack_rows = 0
+  c.data.pack_items = False  # with pack_rows: the items read alone are packed into the same rows (one decoder pass)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 650

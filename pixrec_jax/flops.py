@@ -5,7 +5,8 @@ activations, softmax, rotary embeddings and the losses' small (B, B) similarity
 matrices are left out. Per step:
   vision tower on every image row the batch carries (PixRec.encode_images),
   connector on the same rows,
-  decoder on the full prompt (B, seq_len) and on the item read alone (B, item_len),
+  decoder on the full prompt (B, seq_len) and on the item read alone (B, item_len) (packed
+  rows: R rows of seq_len, the items among them with data.pack_items),
   LM head at the K next-item positions only (B, K),
   user_proj once and item_proj twice on pooled (B, D) vectors.
 Attention scores and values are counted over every (query, key) pair, as
@@ -72,15 +73,18 @@ class StepShapes:
   nig_tokens: int  # K: next-item positions the LM head reads per example
   images: int  # image rows the vision tower encodes per step (0: text-only)
   full_rows: int = 0  # rows of seq_len the full pass reads: packed prompts (data.pack_rows); 0: one per example
+  items_packed: bool = False  # data.pack_items: the items read alone are in those rows (no item pass)
 
 
-def step_shapes(layout, batch: int, images: int | None = None, full_rows: int | None = None) -> StepShapes:
+def step_shapes(layout, batch: int, images: int | None = None, full_rows: int | None = None,
+                items_packed: bool = False) -> StepShapes:
   """StepShapes of an `examples.Layout`; `images` defaults to every image slot of the batch, `full_rows`
   to one row per example."""
   if images is None:
     images = 0 if layout.text_only else batch * (layout.max_history + 1) * layout.image_slots
   return StepShapes(batch=batch, seq_len=layout.seq_len, item_len=layout.item_len,
-                    nig_tokens=layout.max_item_tokens, images=images, full_rows=full_rows or 0)
+                    nig_tokens=layout.max_item_tokens, images=images, full_rows=full_rows or 0,
+                    items_packed=items_packed)
 
 
 # Parts in the order gradients flow back through them (first = nearest the input).
@@ -148,7 +152,7 @@ def train_flops(cfg: BackboneConfig, shapes: StepShapes, *, proj_dim: int, train
     before = before or "connector" in trains
   before = before or "embed" in trains
   fw, fa = _decoder_forward(cfg, shapes.full_rows or b, shapes.seq_len)
-  iw, ia = _decoder_forward(cfg, b, shapes.item_len)
+  iw, ia = (0.0, 0.0) if shapes.items_packed else _decoder_forward(cfg, b, shapes.item_len)
   # Strictly, the first layer's q/k/v input gradient needs a trained part before the decoder; in every
   # train.trainable mode the decoder trains only together with the embeddings, so this is exact.
   before = before or "decoder" in trains

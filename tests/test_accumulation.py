@@ -20,19 +20,21 @@ def _trainer(model_fn, k):
                  sched, grad_accum_steps=k)
 
 
-@pytest.fixture(scope="module", params=["slots", "packed_images", "packed_prompts"])
+@pytest.fixture(scope="module", params=["slots", "packed_images", "packed_prompts", "packed_items"])
 def batches(request, image_builder, small_splits):
   """{k: the batch for k microbatches}: every image slot; its distinct tiles packed into 32 rows
   (data.image_budget), which the microbatches share; or its prompts packed into 8 rows (data.pack_rows) in
-  k groups, one per microbatch (the same examples, in another order: the loss does not depend on it)."""
+  k groups, one per microbatch (the same examples, in another order: the loss does not depend on it); or
+  those prompts and their items read alone (data.pack_items) in 16 rows (so that nothing is dropped)."""
   out = {}
   for k in (1, 4):
-    kw = {"packed_images": dict(image_budget=32), "packed_prompts": dict(pack_rows=8, pack_groups=k)}.get(
-        request.param, {})
+    kw = {"packed_images": dict(image_budget=32), "packed_prompts": dict(pack_rows=8, pack_groups=k),
+          "packed_items": dict(pack_rows=16, pack_groups=k, pack_items=True)}.get(request.param, {})
     it = iter(pipeline.train_dataset(small_splits.train, image_builder, batch_size=8, seed=0, **kw))
     out[k] = pipeline.split_bookkeeping(next(it))[0]
     assert ("image_index" in out[k]) == (request.param == "packed_images")
-    assert ("example_row" in out[k]) == (request.param == "packed_prompts")
+    assert ("example_row" in out[k]) == (request.param in ("packed_prompts", "packed_items"))
+    assert ("feature_order" in out[k]) == (request.param == "packed_items")
   return out
 
 

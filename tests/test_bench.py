@@ -139,3 +139,26 @@ def test_packed_prompts_take_the_fewest_rows_and_count_their_flops():
                            proj_dim=cfg.pixrec.proj_dim, text_only=True)
   assert rows["decoder_full"] == plain["decoder_full"] * packed["pack_rows"] / 8
   assert rows["decoder_item"] == plain["decoder_item"] and np.isfinite(packed["loss"])
+
+
+def test_packed_items_take_rows_too_and_leave_no_item_pass():
+  """--config.data.pack_items=True packs the items read alone into the rows as well: the fewest rows for
+  prompts and items together, the same loss as a separate item pass, and no item-pass FLOPs."""
+  from pixrec_jax import flops
+  from pixrec_jax.data import packing
+
+  base = ["--config", "configs/demo.py:text_only", "--config.model.text.num_hidden_layers=1"]
+  args = base + ["--batch", "8", "--warmup", "1", "--rounds", "1", "--steps", "1", "--pack-rows", "auto"]
+  apart = train_step.main(args)
+  together = train_step.main(args + ["--config.data.pack_items=True"])
+  cfg, _ = config_lib.parse_args(base)
+  bcfg = train_step.backbone_config(cfg)
+  layout = train_step.layout_for(bcfg, max_history=cfg.data.max_history, text_only=True)
+  batch = train_step.synthetic_batch(layout, batch=8, vocab=bcfg.text.vocab_size, image_token=0)
+  assert together["pack_items"] and not apart["pack_items"]
+  assert together["pack_rows"] == packing.fewest_rows(packing.segment_lengths(batch, items=True), layout.seq_len)
+  assert together["pack_rows"] >= apart["pack_rows"]
+  np.testing.assert_allclose(together["loss"], apart["loss"], rtol=1e-5)
+  shapes = flops.step_shapes(layout, 8, full_rows=together["pack_rows"], items_packed=True)
+  count = flops.train_flops(bcfg, shapes, proj_dim=cfg.pixrec.proj_dim, text_only=True)
+  assert count["decoder_item"] == 0 and together["tflop_per_step"] == round(count["total"] / 1e12, 4)

@@ -15,6 +15,7 @@ from pixrec_jax.recsys.losses import LossWeights
 from pixrec_jax.recsys.model import HeadsConfig, PixRec
 from pixrec_jax.train import optim
 from pixrec_jax.train.trainer import Trainer
+from tests.conftest import make_builder
 from tests.tiny_backbones import IMAGE_SIZE, backbone_configs
 
 
@@ -92,17 +93,60 @@ def test_a_small_row_budget_drops_the_longest_prompts_oldest_items(image_builder
     _batches(image_builder, small_splits, 1, pack_rows=1)
 
 
-@pytest.mark.parametrize("family,image_budget", [("smolvlm", 0), ("smolvlm", 40), ("paligemma", 0)])
+def test_items_are_segments_of_the_rows_too(image_builder, small_splits):
+  """data.pack_items: each example's item read alone is one more segment of the rows, after the row's prompts;
+  feature_order hands out each image slot twice (as a prompt's and as an item's), and nothing else changes."""
+  plain_list = _batches(image_builder, small_splits, 2)
+  packed_list = _batches(image_builder, small_splits, 2, pack_rows=8, pack_items=True)
+  for plain, packed in zip(plain_list, packed_list):
+    order = _order(plain, packed)
+    assert packed["item_mask"].shape == (8, image_builder.layout.seq_len) and "item_ids" not in packed
+    for key in set(plain) - {"full_ids", "full_mask", "user_mask", "target_mask", "nig_positions", "item_ids",
+                             "item_mask"}:
+      np.testing.assert_array_equal(packed[key], plain[key][order], err_msg=key)
+    for j, i in enumerate(order):
+      row, mine = packed["item_row"][j], packed["item_mask"][j].astype(bool)
+      item = plain["item_mask"][i].astype(bool)
+      np.testing.assert_array_equal(packed["full_ids"][row][mine], plain["item_ids"][i][item])
+      np.testing.assert_array_equal(packed["full_positions"][row][mine], np.arange(item.sum()))
+      segment = packed["full_mask"][row][mine]
+      assert len(set(segment)) == 1 and (packed["full_mask"][row] == segment[0]).sum() == item.sum()
+      # After every prompt of its row.
+      prompts_end = max((np.flatnonzero(packed["target_mask"][e]).max()
+                         for e in np.flatnonzero(packed["example_row"] == row)), default=-1)
+      assert np.flatnonzero(mine).min() > prompts_end
+    assert (packed["full_mask"] > 0).sum() == plain["full_mask"].sum() + plain["item_mask"].sum()
+    slots = plain["image_valid"].shape[1]
+    assert packed["feature_order"].shape == (8, 2 * slots)
+    np.testing.assert_array_equal(np.sort(packed["feature_order"].ravel()), np.arange(16 * slots))
+
+
+def test_pack_items_needs_pack_rows(image_builder, small_splits):
+  with pytest.raises(ValueError, match="data.pack_items .* needs data.pack_rows"):
+    _batches(image_builder, small_splits, 1, pack_items=True)
+
+
+@pytest.mark.parametrize("family,image_budget,items", [("smolvlm", 0, False), ("smolvlm", 40, False),
+                                                       ("paligemma", 0, False), ("smolvlm", 0, True),
+                                                       ("smolvlm", 40, True), ("paligemma", 0, True),
+                                                       ("text", 0, True)])
 def test_train_outputs_are_those_of_the_unpacked_batch(small_dataset, word_tokenizer, small_splits, family,
-                                                       image_budget):
-  bcfg = backbone_configs(word_tokenizer)[family]
-  builder = _builder(small_dataset, word_tokenizer, bcfg)
-  model = PixRec(Backbone(bcfg, Runtime(), rngs=nnx.Rngs(0)), HeadsConfig(proj_dim=16), rngs=nnx.Rngs(1))
+                                                       image_budget, items):
+  """Packed prompts (and with data.pack_items their items read alone, with their target's tiles: a wrong
+  feature_order would give the items other images) give the unpacked batch's outputs."""
+  text_only = family == "text"
+  bcfg = backbone_configs(word_tokenizer)["smolvlm" if text_only else family]
+  builder = make_builder(small_dataset, word_tokenizer, text_only=True) if text_only else _builder(
+      small_dataset, word_tokenizer, bcfg)
+  model = PixRec(Backbone(bcfg, Runtime(), rngs=nnx.Rngs(0)), HeadsConfig(proj_dim=16, text_only=text_only),
+                 rngs=nnx.Rngs(1))
   graphdef, state = nnx.split(model)
   outputs = jax.jit(lambda batch: nnx.merge(graphdef, state).train_outputs(batch))
+  rows = 8 if items else 5
   plain = _batches(builder, small_splits, 1, image_budget=image_budget)[0]
-  packed = _batches(builder, small_splits, 1, image_budget=image_budget, pack_rows=5)[0]
-  assert packed["full_ids"].shape[0] == 5
+  packed = _batches(builder, small_splits, 1, image_budget=image_budget, pack_rows=rows, pack_items=items)[0]
+  assert packed["full_ids"].shape[0] == rows and ("item_row" in packed) == items
+  assert ("feature_order" in packed) == (items and not text_only)
   order = _order(plain, packed)
   a = outputs(pipeline.split_bookkeeping(plain)[0])
   b = outputs(pipeline.split_bookkeeping(packed)[0])

@@ -19,6 +19,20 @@ j, j + k, .. and rows j, j + k, .. form microbatch j: train.trainer) the batch p
 examples i = j (mod k) go to rows r = j (mod k) only, in that order, and the trainer reads row
 example_row // k of its microbatch. Positions restart in each segment as in the prompt alone
 (rotary embeddings depend on relative positions only, so this matters to rounding, not to the values).
+
+With items (data.pack_items) each example's item read alone (the item pass: `item_ids`) is one more
+segment of the rows, so one decoder pass reads both instead of a second pass over (B, item_len). The
+plan then places 2B segments: i < B is example i's full prompt, B + i its item (segment_lengths); a row
+holds its prompts first, then its items. The batch has no item_ids; instead
+  item_row                              (B,)    the row holding each example's item (as example_row)
+  item_mask                             (B, S)  the item's tokens, in that row's coordinates
+  feature_order                         (B, 2M) with images: which image slot's features each image
+                                                token group of the rows takes, in row-major token order
+Image tokens are filled with features in row-major order (backbone.merge_image_features); an item's
+image tokens take its target's tiles again. feature_order lists, for the rows in order, each segment's
+slots: 2 (M e + m) for slot m of example e's prompt, 2 (M e + m) + 1 for slot m as its item's (the
+target's tiles: the model masks the history's slots out), e global (+ example_offset); with k microbatch
+groups, group j's list fills the entries of its examples j, j + k, .. (the trainer makes them local).
 """
 
 from __future__ import annotations
@@ -53,6 +67,14 @@ def plan_rows(lengths: Sequence[int], rows: int, seq_len: int) -> list[list[int]
   return [sorted(m) for m in members]
 
 
+def segment_lengths(batch: dict[str, np.ndarray], items: bool = False) -> list[int]:
+  """What plan_rows packs: each full prompt's length, then (items) each item's (the item pass), in example order."""
+  lengths = batch["full_mask"].astype(bool).sum(axis=1)
+  if items:
+    lengths = np.concatenate([lengths, batch["item_mask"].astype(bool).sum(axis=1)])
+  return [int(n) for n in lengths]
+
+
 def shared_keys(batch: dict) -> set[str]:
   """The fields of a batch that are not per example: packed image rows (data.image_budget) and their table."""
   return {"pixel_lut"} | ({"images"} if "image_index" in batch else set())
@@ -75,19 +97,27 @@ def plan_groups(lengths: Sequence[int], rows: int, seq_len: int, groups: int = 1
 
 
 def pack_rows(batch: dict[str, np.ndarray], plan: list[list[int]], row_offset: int = 0,
-              groups: int = 1) -> dict[str, np.ndarray]:
-  """The packed batch of `plan` (plan_rows, or plan_groups with the same `groups`, on this batch's prompt
-  lengths): the examples reordered row by row (within each group), their full prompts laid end to end.
-  row_offset: this host's first row of the global batch (example_row indexes the global rows)."""
+              groups: int = 1, items: bool = False, example_offset: int = 0) -> dict[str, np.ndarray]:
+  """The packed batch of `plan` (plan_rows, or plan_groups with the same `groups`, on this batch's
+  segment_lengths): the examples reordered row by row (within each group), their full prompts (and with
+  `items` their items read alone) laid end to end. row_offset: this host's first row of the global batch
+  (example_row indexes the global rows); example_offset: its first example (feature_order's e)."""
   ids, mask = batch["full_ids"], batch["full_mask"]
   b, s = ids.shape
   if b % groups:
     raise ValueError(f"{b} examples do not split into {groups} microbatches")
+  placed = sorted(i for row in plan for i in row)
+  if placed != list(range(2 * b if items else b)):
+    what = f"{b} prompts and {b} items" if items else f"{b} prompts"
+    raise ValueError(f"the plan places segments {placed}, the batch has {what}")
+  prompt_plan = [[i for i in row if i < b] for row in plan]
   order = [0] * b  # new index -> old index
   for j in range(groups):
-    members = [i for r in range(j, len(plan), groups) for i in plan[r]]
+    members = [i for r in range(j, len(plan), groups) for i in prompt_plan[r]]
     if len(members) != b // groups or any(i % groups != j for i in members):
       raise ValueError(f"the plan puts examples {sorted(members)} in microbatch {j} of {groups}")
+    if any((i - b) % groups != j for r in range(j, len(plan), groups) for i in plan[r] if i >= b):
+      raise ValueError(f"the plan puts an item outside its example's microbatch ({groups} microbatches)")
     for n, i in enumerate(members):
       order[n * groups + j] = i
   if sorted(order) != list(range(b)):
@@ -98,24 +128,44 @@ def pack_rows(batch: dict[str, np.ndarray], plan: list[list[int]], row_offset: i
   ids, mask = batch["full_ids"], batch["full_mask"]
   lengths = mask.astype(bool).sum(axis=1)
   rows = len(plan)
-  out = {k: v for k, v in batch.items() if k not in ("full_ids", "full_mask") + _ROW_COORDINATES}
+  drop = ("full_ids", "full_mask") + _ROW_COORDINATES + (("item_ids", "item_mask") if items else ())
+  out = {k: v for k, v in batch.items() if k not in drop}
   packed_ids = np.zeros((rows, s), ids.dtype)
   segments = np.zeros((rows, s), np.int32)
   positions = np.zeros((rows, s), np.int32)
   example_row = np.zeros((b,), np.int32)
   offsets = np.zeros((b,), np.int32)
+  if items:
+    item_ids, item_mask = batch["item_ids"], batch["item_mask"].astype(bool)
+    item_lengths = item_mask.sum(axis=1)
+    item_row = np.zeros((b,), np.int32)
+    item_rows_mask = np.zeros((b, s), batch["item_mask"].dtype)
   for r, members in enumerate(plan):
     offset = 0
-    for segment, old in enumerate(members, start=1):
-      i = new_index[old]
-      n = int(lengths[i])
-      if mask[i, n:].any() or not mask[i, :n].all():
-        raise ValueError(f"example {old}: full_mask is not right padded, cannot pack it")
-      packed_ids[r, offset:offset + n] = ids[i, :n]
+    for segment, old in enumerate(members, start=1):  # sorted: the row's prompts, then its items
+      item = old >= b
+      i = new_index[old - b if item else old]
+      row_ids, row_mask = (item_ids[i], item_mask[i]) if item else (ids[i], mask[i])
+      n = int(item_lengths[i] if item else lengths[i])
+      if row_mask[n:].any() or not row_mask[:n].all():
+        raise ValueError(f"example {old % b}: {'item_mask' if item else 'full_mask'} is not right padded, "
+                         "cannot pack it")
+      if offset + n > s:
+        raise ValueError(f"the plan overfills row {r}: {offset + n} tokens in a row of {s}")
+      packed_ids[r, offset:offset + n] = row_ids[:n]
       segments[r, offset:offset + n] = segment
       positions[r, offset:offset + n] = np.arange(n)
-      example_row[i], offsets[i] = row_offset + r, offset
+      if item:
+        item_row[i] = row_offset + r
+        item_rows_mask[i, offset:offset + n] = 1
+      else:
+        example_row[i], offsets[i] = row_offset + r, offset
       offset += n
+  if items:
+    out.update(item_row=item_row, item_mask=item_rows_mask)
+    if "image_valid" in batch:
+      out["feature_order"] = _feature_order(plan, new_index, b, batch["image_valid"].shape[1], groups,
+                                            example_offset)
   for key in _ROW_COORDINATES:
     shifted = np.zeros_like(batch[key])
     for j in range(b):
@@ -126,6 +176,20 @@ def pack_rows(batch: dict[str, np.ndarray], plan: list[list[int]], row_offset: i
       batch["nig_positions"].dtype)
   out.update(full_ids=packed_ids, full_mask=segments, full_positions=positions, example_row=example_row)
   return out
+
+
+def _feature_order(plan: list[list[int]], new_index: dict[int, int], b: int, slots: int, groups: int,
+                   example_offset: int) -> np.ndarray:
+  """(B, 2 x slots) feature_order (module docstring) of a plan with items, examples in their new order."""
+  order = np.zeros((b, 2 * slots), np.int32)
+  for j in range(groups):
+    entries = []
+    for r in range(j, len(plan), groups):
+      for old in plan[r]:
+        e = example_offset + new_index[old % b]
+        entries += [2 * (slots * e + m) + int(old >= b) for m in range(slots)]
+    order[j::groups] = np.asarray(entries, np.int32).reshape(-1, 2 * slots)
+  return order
 
 
 def fewest_rows(lengths: Sequence[int], seq_len: int) -> int:

@@ -117,7 +117,7 @@ class _BuildTrainBatch(grain.transforms.Map):
   counted in `dropped_history`."""
 
   def __init__(self, builder: PromptBuilder, image_budget: int = 0, row_offset: int = 0, pack_rows: int = 0,
-               pack_row_offset: int = 0, pack_groups: int = 1):
+               pack_row_offset: int = 0, pack_groups: int = 1, pack_items: bool = False, example_offset: int = 0):
     self.build = _BuildTrainExample(builder, pixels=not image_budget)
     self.builder = builder
     self.image_budget = image_budget
@@ -125,6 +125,8 @@ class _BuildTrainBatch(grain.transforms.Map):
     self.pack_rows = pack_rows
     self.pack_row_offset = pack_row_offset
     self.pack_groups = pack_groups
+    self.pack_items = pack_items
+    self.example_offset = example_offset
 
   def map(self, windows: list[Window]) -> dict[str, np.ndarray]:
     windows = list(windows)
@@ -141,7 +143,8 @@ class _BuildTrainBatch(grain.transforms.Map):
         what = f"data.image_budget={self.image_budget}"
       if self.pack_rows and (not self.image_budget or fits):
         lengths = [int(e["full_mask"].sum()) for e in examples]
-        plan = packing.plan_groups(lengths, self.pack_rows, seq_len, self.pack_groups)
+        segments = lengths + ([int(e["item_mask"].sum()) for e in examples] if self.pack_items else [])
+        plan = packing.plan_groups(segments, self.pack_rows, seq_len, self.pack_groups)
         fits, size, what = plan is not None, lengths, f"data.pack_rows={self.pack_rows}"
       if not (self.image_budget or self.pack_rows) or fits:
         break
@@ -159,7 +162,8 @@ class _BuildTrainBatch(grain.transforms.Map):
     if self.image_budget:
       batch = pack_images(batch, tiles, self.image_budget, self.builder.images, self.row_offset)
     if plan is not None:
-      batch = packing.pack_rows(batch, plan, self.pack_row_offset, self.pack_groups)
+      batch = packing.pack_rows(batch, plan, self.pack_row_offset, self.pack_groups, items=self.pack_items,
+                                example_offset=self.example_offset)
     return batch
 
 
@@ -201,12 +205,13 @@ def _windows(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, se
 def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, *, batch_size: int, seed: int,
                   shard_index: int = 0, shard_count: int = 1, num_workers: int = 0,
                   prefetch_buffer: int = 4, image_budget: int = 0, pack_rows: int = 0,
-                  pack_groups: int = 1) -> grain.IterDataset:
+                  pack_groups: int = 1, pack_items: bool = False) -> grain.IterDataset:
   """An infinite iterator of training batches for host `shard_index` of `shard_count`
   (batch_size is per host). image_budget > 0 (per host): each batch carries its distinct
   image tiles once, in that many rows (pack_images). pack_rows > 0 (per host): the full
   prompts are packed into that many rows (packing.pack_rows), in pack_groups groups (the
-  trainer's microbatches, train.grad_accum_steps).
+  trainer's microbatches, train.grad_accum_steps); pack_items: the items read alone too (one
+  decoder pass for both; data.packing).
 
   `train` holds (user index, training sequence) pairs, as `catalog.leave_one_out` gives them.
   """
@@ -216,10 +221,13 @@ def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilde
   # Host h takes block h of every global batch (batch_size * shard_count examples), the rows its devices
   # hold: so the global batches, and the run, are the same on any number of hosts.
   ds = _windows(train, builder, seed).batch(batch_size, batch_fn=list)[shard_index::shard_count]
+  if pack_items and not pack_rows:
+    raise ValueError("data.pack_items packs the item pass into the full pass's packed rows: it needs data.pack_rows")
   if image_budget and builder.layout.text_only:
     raise ValueError("data.image_budget is set but the prompts have no images")
   ds = ds.map(_BuildTrainBatch(builder, image_budget, row_offset=shard_index * image_budget, pack_rows=pack_rows,
-                               pack_row_offset=shard_index * pack_rows, pack_groups=pack_groups))
+                               pack_row_offset=shard_index * pack_rows, pack_groups=pack_groups,
+                               pack_items=pack_items, example_offset=shard_index * batch_size))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if num_workers else 1, prefetch_buffer_size=prefetch_buffer))
   if num_workers > 0:
     check_shared_memory(num_workers * prefetch_buffer * batch_nbytes(builder.layout, batch_size, image_budget),
@@ -229,12 +237,16 @@ def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilde
 
 
 def sampled_prompt_lengths(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, *, batch_size: int,
-                           seed: int, batches: int) -> np.ndarray:
+                           seed: int, batches: int, items: bool = False) -> np.ndarray:
   """(batches, batch_size): the full prompts' lengths of the first global training batches, as
-  train_dataset draws them (same windows, no pixels read). The same on every host."""
+  train_dataset draws them (same windows, no pixels read). The same on every host. items: (batches,
+  2 x batch_size), each batch's packing.segment_lengths with its items (data.pack_items)."""
   ds = _windows(train, builder, seed).batch(batch_size, batch_fn=list)
-  return np.asarray([[int(builder.train_example(w.history, w.target, pixels=False)["full_mask"].sum()) for w in ds[i]]
-                     for i in range(batches)])
+  out = []
+  for i in range(batches):
+    batch = [builder.train_example(w.history, w.target, pixels=False) for w in ds[i]]
+    out.append([int(e["full_mask"].sum()) for e in batch] + ([int(e["item_mask"].sum()) for e in batch] if items else []))
+  return np.asarray(out)
 
 
 def batch_nbytes(layout, batch_size: int, image_budget: int = 0) -> int:

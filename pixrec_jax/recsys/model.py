@@ -22,7 +22,10 @@ Batch layout (numpy/jax arrays, static shapes; B examples, M image slots):
 Text-only batches have no images, image_valid or target_slot.
 Packed batches (data.pack_rows; data.packing) hold the B full prompts in R rows: full_ids, full_mask (segment
 ids) and full_positions are (R, S), example_row (B,) names each example's row, and user_mask, target_mask and
-nig_positions are in that row's coordinates.
+nig_positions are in that row's coordinates. With the items packed too (data.pack_items) the rows also hold
+each item read alone: item_row (B,) names its row, item_mask (B, S) marks it there, feature_order (B, 2M)
+says which slot's features each image token group takes (data.packing); there is no item_ids and no
+second decoder pass.
 """
 
 from __future__ import annotations
@@ -115,9 +118,12 @@ class PixRec(nnx.Module):
       raise ValueError("uint8 images need their pixel_lut (data.images.pixel_lut) to become the tower's floats")
     return self.backbone.image_features(images)
 
-  def _hidden(self, ids, mask, feats, valid, positions=None):
+  def _hidden(self, ids, mask, feats, valid, positions=None, flat=False):
+    """flat: feats (N, T, D) and valid (N,) are already one feature row per image slot, in token order."""
     if feats is None:
       embeds = self.backbone.embed(ids)
+    elif flat:
+      embeds = self.backbone.embed(ids, feats, valid)
     else:
       n = feats.shape[0] * feats.shape[1]
       embeds = self.backbone.embed(ids, feats.reshape((n,) + feats.shape[2:]), valid.reshape(n))
@@ -151,21 +157,33 @@ class PixRec(nnx.Module):
       feats = row_feats[batch["image_index"]]
     else:
       feats = self.encode_images(batch["images"], batch.get("image_index"), batch.get("pixel_lut"))
-    # Packed (data.pack_rows): the full prompts are segments of fewer rows; example_row says whose is where.
-    rows = batch.get("example_row")
-    hidden = self._hidden(batch["full_ids"], batch["full_mask"], feats, batch.get("image_valid"),
-                          batch.get("full_positions"))
-    nig_logits = self.backbone.logits(rows_at(hidden, batch["nig_positions"], rows))
-    v_u = pool(hidden, batch["user_mask"], self.heads.pooling, rows)
-    v_tu = pool(hidden, batch["target_mask"], self.heads.pooling, rows)
-    target_feats = target_valid = None
+    target_valid = None
     if feats is not None:
       # The target's tiles come last among the valid slots; masking the history's out lets the
       # item pass reuse every feature row in place, whatever its tile count.
       slots = jnp.arange(feats.shape[1])
-      target_feats = feats
       target_valid = batch["image_valid"] & (slots[None, :] >= batch["target_slot"][:, None])
-    item = self.item_embedding(batch["item_ids"], batch["item_mask"], image_valid=target_valid, feats=target_feats)
+    # Packed (data.pack_rows): the full prompts are segments of fewer rows; example_row says whose is where.
+    rows = batch.get("example_row")
+    items_packed = "item_row" in batch  # data.pack_items: the items read alone are segments of the rows too
+    if items_packed and feats is not None:
+      # Slot m of example e as its prompt's is entry 2 (M e + m) of feature_order, as its item's 2 (M e + m) + 1.
+      n = feats.shape[0] * feats.shape[1]
+      order = batch["feature_order"].reshape(-1)
+      slot, as_item = order // 2, order % 2 == 1
+      valid = jnp.where(as_item, target_valid.reshape(n)[slot], batch["image_valid"].reshape(n)[slot])
+      hidden = self._hidden(batch["full_ids"], batch["full_mask"], feats.reshape((n,) + feats.shape[2:])[slot],
+                            valid, batch.get("full_positions"), flat=True)
+    else:
+      hidden = self._hidden(batch["full_ids"], batch["full_mask"], feats, batch.get("image_valid"),
+                            batch.get("full_positions"))
+    nig_logits = self.backbone.logits(rows_at(hidden, batch["nig_positions"], rows))
+    v_u = pool(hidden, batch["user_mask"], self.heads.pooling, rows)
+    v_tu = pool(hidden, batch["target_mask"], self.heads.pooling, rows)
+    if items_packed:
+      item = self.item_proj(pool(hidden, batch["item_mask"], self.heads.pooling, batch["item_row"]))
+    else:
+      item = self.item_embedding(batch["item_ids"], batch["item_mask"], image_valid=target_valid, feats=feats)
     return {
         "nig_logits": nig_logits,
         "user": self.user_proj(v_u),

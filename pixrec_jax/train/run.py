@@ -123,6 +123,7 @@ class Job:
   steps: int
   text_only: bool
   pack_rows: int = 0  # data.pack_rows, resolved (-1: chosen from the data)
+  pack_items: bool = False  # data.pack_items: the item pass packed into those rows too
 
   @property
   def is_main(self) -> bool:
@@ -167,23 +168,30 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
   if image_budget % dp:
     raise ValueError(f"data.image_budget={image_budget} rows do not split evenly over {dp} data-parallel devices")
   pack_rows = cfg.data.get("pack_rows", 0)
+  pack_items = bool(cfg.data.get("pack_items", False))
+  if pack_items and not pack_rows:
+    raise ValueError("data.pack_items packs the item pass into the full pass's packed rows: set data.pack_rows too "
+                     "(a row count, or -1)")
   if pack_rows < 0:
     if pack_rows != -1:
       raise ValueError(f"data.pack_rows={pack_rows}: use a row count, 0 (no packing) or -1 (chosen from the data)")
     lengths = pipeline.sampled_prompt_lengths(splits.train, builder, batch_size=cfg.train.batch_size, seed=cfg.seed,
-                                              batches=PACK_SAMPLE_BATCHES)
+                                              batches=PACK_SAMPLE_BATCHES, items=pack_items)
     pack_rows = packing.choose_rows(lengths, layout.seq_len, groups=accum,
                                     multiple=math.lcm(dp, jax.process_count()))
+    prompts = lengths[:, :cfg.train.batch_size]
     if jax.process_index() == 0:
-      print(f"pixrec_jax: data.pack_rows=-1 packs batches of {cfg.train.batch_size} prompts into {pack_rows} rows "
-            f"({100 * lengths.sum() / (lengths.size * layout.seq_len):.0f}% of the unpacked tokens are real in the "
-            f"first {PACK_SAMPLE_BATCHES} batches)", flush=True)
+      real = 100 * prompts.sum() / (prompts.size * layout.seq_len)
+      print(f"pixrec_jax: data.pack_rows=-1 packs batches of {cfg.train.batch_size} prompts "
+            f"{'and their items ' if pack_items else ''}into {pack_rows} rows ({real:.0f}% of the unpacked prompts' "
+            f"tokens are real in the first {PACK_SAMPLE_BATCHES} batches)", flush=True)
   if pack_rows:
     if pack_rows % dp:
       raise ValueError(f"data.pack_rows={pack_rows} rows do not split evenly over {dp} data-parallel devices")
-    if pack_rows > cfg.train.batch_size:
-      raise ValueError(f"data.pack_rows={pack_rows} is more rows than examples (train.batch_size="
-                       f"{cfg.train.batch_size}): packing would add padding; use at most the batch size")
+    segments = cfg.train.batch_size * (2 if pack_items else 1)  # prompts (and items)
+    if pack_rows > segments:
+      raise ValueError(f"data.pack_rows={pack_rows} is more rows than {'prompts and items' if pack_items else 'examples'}"
+                       f" (train.batch_size={cfg.train.batch_size}): packing would add padding; use at most {segments}")
     if pack_rows % (jax.process_count() * accum):
       raise ValueError(f"data.pack_rows={pack_rows} rows do not split evenly over {jax.process_count()} processes x "
                        f"train.grad_accum_steps={accum} microbatches")
@@ -209,7 +217,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
     raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum_steps={accum}")
   trainer = Trainer(model_fn, tx, trainable, weights, mesh, sched, grad_accum_steps=accum,
                     freeze=cfg.train.get("freeze", ()), seed=cfg.seed)
-  return Job(cfg, workdir, dataset, splits, builder, mesh, trainer, steps, text_only, pack_rows)
+  return Job(cfg, workdir, dataset, splits, builder, mesh, trainer, steps, text_only, pack_rows, pack_items)
 
 
 def init_state(job: Job):
@@ -227,7 +235,8 @@ def _train_iterator(job: Job):
                                      num_workers=cfg.data.num_workers,
                                      image_budget=cfg.data.get("image_budget", 0) // shards,
                                      pack_rows=job.pack_rows // shards,
-                                     pack_groups=cfg.train.get("grad_accum_steps", 1)))
+                                     pack_groups=cfg.train.get("grad_accum_steps", 1),
+                                     pack_items=job.pack_items))
 
 
 def _truncate_log(path: pathlib.Path, step: int) -> None:
@@ -283,7 +292,7 @@ def step_flops(job: Job) -> float | None:
   bcfg = zoo.backbone_config(job.cfg.model, job.builder.tokenizer)
   shapes = flops.step_shapes(job.builder.layout, job.cfg.train.batch_size,
                              images=job.cfg.data.get("image_budget", 0) or None,
-                             full_rows=job.pack_rows or None)
+                             full_rows=job.pack_rows or None, items_packed=job.pack_items)
   try:
     return flops.train_flops(bcfg, shapes, proj_dim=job.cfg.pixrec.proj_dim, trainable=job.cfg.train.trainable,
                              text_only=job.text_only)["total"]

@@ -182,8 +182,13 @@ class Trainer:
     # Packed prompts (data.pack_rows) split the same way: rows j, j + k, .. hold microbatch j's prompts
     # (packing.plan_groups), and its row r is row r // k of the microbatch.
     micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1), examples)
-    if "example_row" in micro:
-      micro["example_row"] = micro["example_row"] // k
+    for name in ("example_row", "item_row"):
+      if name in micro:
+        micro[name] = micro[name] // k
+    if "feature_order" in micro:  # 2 (M e + m) + item for global example e = k n + j: n is microbatch j's
+      slots2 = micro["feature_order"].shape[-1]
+      e, rest = micro["feature_order"] // slots2, micro["feature_order"] % slots2
+      micro["feature_order"] = (e // k) * slots2 + rest
     weights = self.weights
     count = losses.nig_count(batch["nig_weights"])
 
@@ -268,11 +273,12 @@ class Trainer:
     batch_size = batch["target_item"].shape[0]
     if batch_size % k:
       raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum_steps={k}")
-    rows = batch.get("example_row")
+    rows, item_rows = batch.get("example_row"), batch.get("item_row")
     if isinstance(rows, np.ndarray):  # a host batch of packed prompts: packed for this k (data.packing)
       for j in range(k):
         mine = rows[j::k]
-        if np.any(mine % k != j) or np.any(np.diff(mine) < 0):
+        if (np.any(mine % k != j) or np.any(np.diff(mine) < 0)
+            or (isinstance(item_rows, np.ndarray) and np.any(item_rows[j::k] % k != j))):
           raise ValueError(f"this batch's prompts were packed for another train.grad_accum_steps than {k} "
                            f"(data.packing.plan_groups): microbatch {j} would read other examples' rows")
 
