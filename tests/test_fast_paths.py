@@ -1,9 +1,12 @@
 """The train step's fast paths stay taken: the GPU speed in BENCHMARKS.md depends on them, and a change that
 falls off one keeps every output equal, so only these checks would notice."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from pixrec_jax.models import layers, siglip
@@ -86,8 +89,9 @@ def test_causal_blocks_skip_the_masked_logits():
   def logits_elements(blocks):
     grad = jax.grad(lambda q: jnp.sum(layers.attention(q, k, v, mask, 0.3, causal_blocks=blocks)))
     jaxpr = jax.make_jaxpr(grad)(q)
+    h = q.shape[-1]  # the other matmuls have the head size (H + 1 where the values carry a ones column) as an axis
     return sum(int(np.prod(e.outvars[0].aval.shape)) for e in jaxpr.eqns  # the logits and their gradient
-               if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] != q.shape[-1])
+               if e.primitive.name == "dot_general" and min(e.outvars[0].aval.shape[-2:]) > h + 1)
 
   assert layers.causal_block_edges(512, 4) == [128, 256, 384, 512]
   assert logits_elements(4) == logits_elements(1) * 10 // 16
@@ -195,3 +199,28 @@ def test_residual_barrier_is_the_identity_forward_and_backward():
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
   nan_first = jax.grad(lambda x: jnp.sum(layers.residual_barrier(x) * jnp.asarray([[jnp.nan, 1.0], [1.0, 1.0]])))(x)
   assert np.isnan(nan_first[0, 0]) and np.all(np.asarray(nan_first).ravel()[1:] == 1.0)
+
+
+@pytest.mark.parametrize("n,kv,softcap", [(4, 2, None), (2, 2, 5.0)])
+def test_late_sum_is_the_softmax(monkeypatch, n, kv, softcap):
+  """On CPU the values matmul also sums each row of exp(logits - max) (layers._late_sum); outputs and
+  gradients are the softmax form's (the one GPUs run), padded query rows (no key) included."""
+  q, k, v, mask = _causal_inputs(n=n, kv=kv)
+  mask = mask.at[1, :, -3:].set(False)  # three query rows of the second example see no key at all
+
+  results = {}
+  for late in (True, False):
+    monkeypatch.setattr(layers, "_late_sum", lambda late=late: late)
+
+    def loss(q, k, v):  # a fresh function per setting: traces are cached by function
+      out = layers.attention(q, k, v, mask, 0.3, softcap=softcap)
+      return jnp.sum(out * jnp.cos(out)), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    # The values with their column of ones: head size 8 + 1.
+    assert bool(re.search(r"f32\[[\d,]+,9\]", str(jax.make_jaxpr(loss)(q, k, v)))) == late
+    results[late] = (out, grads)
+  np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(results[True][0][1, -3:], jnp.broadcast_to(
+      jnp.repeat(v[1].mean(axis=0), n // kv, axis=0), results[True][0][1, -3:].shape), rtol=1e-5, atol=1e-6)
+  for a, b in zip(results[True][1], results[False][1]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

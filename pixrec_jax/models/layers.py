@@ -231,7 +231,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
   `softcap` (Gemma2) bounds the scaled logits to (-softcap, softcap) with a tanh
   before masking.
 
-  implementation "xla" is this einsum form; "cudnn" hands the same computation
+  implementation "xla" is this einsum form (on CPU the softmax's row sums come out of the values
+  matmul, a column of ones beside the values: `_late_sum`); "cudnn" hands the same computation
   to `jax.nn.dot_product_attention` (fused kernels on GPU, half precision only,
   no soft-capping); "pallas" to `flash.flash_attention`, fused Pallas kernels for
   GPUs that also soft-cap (Gemma2, PaliGemma 2).
@@ -285,18 +286,31 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
   q = q.reshape(b, t, kv_heads, groups, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * t, h)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   if mask is not None:
-    mask = jnp.broadcast_to(mask, (b, 1, t, mask.shape[-1]))
+    mask = jnp.broadcast_to(mask, (b, 1) + mask.shape[-2:])  # a mask of keys only stays one row
+  late_sum = _late_sum()
 
-  def attend(q, k, v, mask):  # (.., G x T, H), (.., S, H), (.., S, H), (.., 1, T, S) or None
+  def attend(q, k, v, mask):  # (.., G x T, H), (.., S, H), (.., S, H), mask (.., T or 1, S) or None
     logits = einsum_f32("...th,...sh->...ts", q, k) * scale
     if softcap is not None:
       logits = softcapped(logits, softcap)
-    if mask is not None:
+    if mask is not None and groups == 1:  # the mask broadcasts against the logits as they are
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    elif mask is not None:  # each query group's rows of the logits against the one mask
       shape = logits.shape
       logits = logits.reshape(shape[:-2] + (groups, t, s))
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min).reshape(shape)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("...ts,...sh->...th", probs, v)
+    if not late_sum:
+      probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+      return jnp.einsum("...ts,...sh->...th", probs, v)
+    # exp(logits - max) times [values | 1]: one matmul gives both the weighted values and each row's sum,
+    # and the division happens on (T, H + 1) instead of (T, S). Its gradient is the softmax's, as matmuls
+    # and elementwise passes with no (T, S) reduction; the max only shifts (no gradient: softmax does not
+    # depend on it).
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.exp(logits - top).astype(v.dtype)
+    ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
+    out = einsum_f32("...ts,...sh->...th", weights, jnp.concatenate([v, ones], axis=-1))
+    return (out[..., :-1] / out[..., -1:]).astype(v.dtype)
 
   if _map_heads(groups, t, s):
     # One KV head at a time (the batch stays a batch axis): XLA:CPU writes each op's whole output
@@ -305,10 +319,11 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
     # recomputed in the backward pass instead of stored (jax.checkpoint): faster on CPU, and no 12 MB of
     # probabilities a head kept per layer until the backward pass (BENCHMARKS.md).
     heads = (q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1))
-    out = jax.lax.map(jax.checkpoint(lambda qkv: attend(*qkv, mask)), heads)
+    head_mask = None if mask is None else mask[:, 0]  # (B, T or 1, S) against one head's (B, T, S)
+    out = jax.lax.map(jax.checkpoint(lambda qkv: attend(*qkv, head_mask)), heads)
     out = out.swapaxes(0, 1)
   else:
-    out = attend(q, k, v, None if mask is None else mask[:, :, None])
+    out = attend(q, k, v, mask if mask is None or groups == 1 else mask[:, :, None])
   return out.reshape(b, kv_heads, groups, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
@@ -325,6 +340,14 @@ def _map_heads(groups: int, queries: int, keys: int) -> bool:
     return False
   mesh = jax.sharding.get_abstract_mesh()
   return mesh.empty or "tensor" not in mesh.axis_names or mesh.shape["tensor"] == 1
+
+
+def _late_sum() -> bool:
+  """Whether XLA attention sums each softmax row in the values matmul (`attend`): on CPU, where XLA runs
+  the (T, S) row sums (forward and backward) as slow windowed reductions and the division as another
+  pass, and the extra matmul column costs less (`bench/cpu_ops.py`: BENCHMARKS.md). GPUs keep the
+  softmax form their H200 timings were measured with."""
+  return jax.default_backend() == "cpu"
 
 
 @functools.cache
