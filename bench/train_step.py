@@ -255,7 +255,7 @@ def main(argv=None) -> dict:
     raise ValueError("data.pack_items needs data.pack_rows (or --pack-rows)")
   if pack_rows:
     from pixrec_jax.data import packing  # pylint: disable=import-outside-toplevel
-    lengths = packing.segment_lengths(batch, items=pack_items)
+    lengths = packing.segment_lengths(batch["full_mask"], batch["item_mask"] if pack_items else None)
     if pack_rows < 0:  # auto, or data.pack_rows=-1 (chosen from the data): here, this batch's fewest rows
       pack_rows = packing.fewest_rows(lengths, layout.seq_len)
     plan = packing.plan_rows(lengths, pack_rows, layout.seq_len)

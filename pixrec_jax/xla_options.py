@@ -51,6 +51,6 @@ def _accepted_cpu_options(xla_flags: str) -> tuple:
   return tuple(options)
 
 
-def platform_of(mesh) -> str:
-  """The platform of a mesh's devices."""
-  return mesh.devices.flat[0].platform
+def for_mesh(mesh) -> dict | None:
+  """compiler_options for a program that runs on `mesh` (its devices' platform)."""
+  return compiler_options(mesh.devices.flat[0].platform)

@@ -156,7 +156,8 @@ def test_packed_items_take_rows_too_and_leave_no_item_pass():
   layout = train_step.layout_for(bcfg, max_history=cfg.data.max_history, text_only=True)
   batch = train_step.synthetic_batch(layout, batch=8, vocab=bcfg.text.vocab_size, image_token=0)
   assert together["pack_items"] and not apart["pack_items"]
-  assert together["pack_rows"] == packing.fewest_rows(packing.segment_lengths(batch, items=True), layout.seq_len)
+  assert together["pack_rows"] == packing.fewest_rows(packing.segment_lengths(batch["full_mask"], batch["item_mask"]),
+                                                         layout.seq_len)
   assert together["pack_rows"] >= apart["pack_rows"]
   np.testing.assert_allclose(together["loss"], apart["loss"], rtol=1e-5)
   shapes = flops.step_shapes(layout, 8, full_rows=together["pack_rows"], items_packed=True)

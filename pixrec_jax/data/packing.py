@@ -67,12 +67,11 @@ def plan_rows(lengths: Sequence[int], rows: int, seq_len: int) -> list[list[int]
   return [sorted(m) for m in members]
 
 
-def segment_lengths(batch: dict[str, np.ndarray], items: bool = False) -> list[int]:
-  """What plan_rows packs: each full prompt's length, then (items) each item's (the item pass), in example order."""
-  lengths = batch["full_mask"].astype(bool).sum(axis=1)
-  if items:
-    lengths = np.concatenate([lengths, batch["item_mask"].astype(bool).sum(axis=1)])
-  return [int(n) for n in lengths]
+def segment_lengths(full_masks: Sequence[np.ndarray], item_masks: Sequence[np.ndarray] | None = None) -> list[int]:
+  """What plan_rows packs: each full prompt's length (real tokens of its full_mask), then, given the items'
+  masks (data.pack_items), each item's, in example order. Masks: a (B, S) array or B rows."""
+  masks = list(full_masks) + (list(item_masks) if item_masks is not None else [])
+  return [int(np.count_nonzero(m)) for m in masks]
 
 
 def shared_keys(batch: dict) -> set[str]:
@@ -120,8 +119,6 @@ def pack_rows(batch: dict[str, np.ndarray], plan: list[list[int]], row_offset: i
       raise ValueError(f"the plan puts an item outside its example's microbatch ({groups} microbatches)")
     for n, i in enumerate(members):
       order[n * groups + j] = i
-  if sorted(order) != list(range(b)):
-    raise ValueError(f"the plan places examples {sorted(order)}, the batch has {b}")
   new_index = {old: new for new, old in enumerate(order)}
   shared = shared_keys(batch)
   batch = {k: v if k in shared else v[order] for k, v in batch.items()}

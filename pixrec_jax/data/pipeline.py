@@ -142,10 +142,10 @@ class _BuildTrainBatch(grain.transforms.Map):
         fits = len({key for t in tiles for key in t}) <= self.image_budget
         what = f"data.image_budget={self.image_budget}"
       if self.pack_rows and (not self.image_budget or fits):
-        lengths = [int(e["full_mask"].sum()) for e in examples]
-        segments = lengths + ([int(e["item_mask"].sum()) for e in examples] if self.pack_items else [])
+        segments = packing.segment_lengths([e["full_mask"] for e in examples],
+                                           [e["item_mask"] for e in examples] if self.pack_items else None)
         plan = packing.plan_groups(segments, self.pack_rows, seq_len, self.pack_groups)
-        fits, size, what = plan is not None, lengths, f"data.pack_rows={self.pack_rows}"
+        fits, size, what = plan is not None, segments[:len(examples)], f"data.pack_rows={self.pack_rows}"
       if not (self.image_budget or self.pack_rows) or fits:
         break
       shorter = [j for j in range(len(windows)) if len(windows[j].history) > 1]
@@ -245,7 +245,8 @@ def sampled_prompt_lengths(train: Sequence[tuple[int, np.ndarray]], builder: Pro
   out = []
   for i in range(batches):
     batch = [builder.train_example(w.history, w.target, pixels=False) for w in ds[i]]
-    out.append([int(e["full_mask"].sum()) for e in batch] + ([int(e["item_mask"].sum()) for e in batch] if items else []))
+    out.append(packing.segment_lengths([e["full_mask"] for e in batch],
+                                       [e["item_mask"] for e in batch] if items else None))
   return np.asarray(out)
 
 

@@ -49,7 +49,7 @@ def _jitted(fn, graphdef, mesh):
   """One compiled embedding function per tower, model structure and mesh, reused across splits.
   Its output is replicated so that every process can read all of it."""
   return jax.jit(lambda states, batch: fn(nnx.merge(graphdef, *states), batch), out_shardings=shd.replicated(mesh),
-                 compiler_options=xla_options.compiler_options(xla_options.platform_of(mesh)))
+                 compiler_options=xla_options.for_mesh(mesh))
 
 
 def _embed(fn, graphdef, states, keys: Sequence, make_batches, mesh, settings: EvalSettings,

@@ -286,7 +286,7 @@ class Trainer:
     """The train step jitted with the state's and the batch's shardings, the state donated."""
     return jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_shardings),
                    out_shardings=(self.state_shardings, shd.replicated(self.mesh)), donate_argnums=(0,),
-                   compiler_options=xla_options.compiler_options(xla_options.platform_of(self.mesh)))
+                   compiler_options=xla_options.for_mesh(self.mesh))
 
   def lower(self, abstract_batch: dict):
     """The train step lowered for the abstract state and a batch of these shapes (nothing is allocated)."""
