@@ -3,10 +3,12 @@
 Where bench/train_step.py --torch compares whole train steps, this times the parts
 both steps are made of, in one process on the same inputs, to say where a gap
 between the two comes from: the three matmuls of a linear layer (forward, input
-gradient, weight gradient), a SwiGLU MLP's forward and backward, and causal
+gradient, weight gradient), a SwiGLU MLP's forward and backward, causal
 grouped-query attention's forward and backward (ours: pixrec_jax.models.layers.attention,
 the einsum form XLA compiles; PyTorch's: scaled_dot_product_attention, the fused
-kernel transformers' sdpa models call). Float32. Each figure is the median of
+kernel transformers' sdpa models call), and the rotary embedding's forward and
+backward on the queries (ours: layers.apply_rope; PyTorch's: transformers' rotate_half
+form under autograd). Float32 (--dtype bfloat16: both in bfloat16). Each figure is the median of
 --rounds rounds of --iters calls after a warm-up call; JAX results are synced
 once per round. Threads: both libraries use every core the process may run on;
 pin with `taskset -c 0` for one.
@@ -16,11 +18,13 @@ The last line is one JSON object: {name: {"jax_ms", "torch_ms", "jax_over_torch"
   python bench/cpu_ops.py                 # the demo decoder's shapes (batch 32 x 184 tokens)
   python bench/cpu_ops.py --vision 3,1024,12,64   # also smolvlm_256m's vision attention (3 tiles at 512 px)
   taskset -c 0 python bench/cpu_ops.py    # one core
+  python bench/cpu_ops.py --dtype bfloat16   # both libraries in bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -47,21 +51,24 @@ def _time(fn, rounds: int, iters: int, sync=lambda r: None) -> float:
   return statistics.median(times)
 
 
-def _jax(fn, *args):
+def _jax(fn, *args, dtype="float32"):
   f = jax.jit(fn, compiler_options=xla_options.compiler_options())  # as the train step compiles
-  args = [jnp.asarray(a) for a in args]
+  args = [jnp.asarray(a, dtype if a.dtype == np.float32 else None) for a in args]
   return lambda: f(*args)
 
 
-def _torch(fn, *args, grad=()):
-  args = [torch.from_numpy(a).requires_grad_(i in grad) for i, a in enumerate(args)]
+def _torch(fn, *args, grad=(), dtype="float32"):
+  dtype = getattr(torch, dtype)
+  args = [torch.from_numpy(a).to(dtype if a.dtype == np.float32 else None).requires_grad_(i in grad)
+          for i, a in enumerate(args)]
   return lambda: fn(*args)
 
 
 def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, heads: int = 4, kv_heads: int = 2,
           head_dim: int = 32, causal_blocks: int = 4, vision: tuple[int, int, int, int] | None = None,
-          seed: int = 0) -> dict:
-  """{name: (ours, theirs)}: argument-free callables computing the same thing on the same float32 inputs.
+          seed: int = 0, dtype: str = "float32") -> dict:
+  """{name: (ours, theirs)}: argument-free callables computing the same thing on the same inputs (drawn in
+  float32, cast to `dtype` in both libraries).
 
   vision=(tiles, patches, heads, head_dim) adds a vision tower's bidirectional attention (every query head
   its own key head; the last tile's trailing patches padding, as padded images are).
@@ -103,14 +110,33 @@ def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, he
       return torch.autograd.grad((out * out).sum(), [q, k, v])
     return grads
 
+  positions = np.tile(np.arange(t), (b, 1))
+  inv_freq = np.array(layers.rope_inv_freq(h, 10000.0))  # writable: torch.from_numpy warns otherwise
+  co = rng.standard_normal((b, t, n, h)).astype(np.float32)  # a cotangent: the gradient of sum(co * rope(q))
+
+  def jax_rope(q, positions, co):
+    out, vjp = jax.vjp(lambda q: layers.apply_rope(q, positions, inv_freq), q)
+    return out, vjp(co)[0]
+
+  def torch_rope(q, positions, co):  # transformers' Llama form: cat(freqs, freqs), rotate_half
+    freqs = positions[..., None].float() * torch.from_numpy(inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None]
+    half = q.shape[-1] // 2
+    out = q * emb.cos() + torch.cat([-q[..., half:], q[..., :half]], dim=-1) * emb.sin()
+    return out, torch.autograd.grad(out, q, co)[0]
+
+  jx = functools.partial(_jax, dtype=dtype)
+  pt = functools.partial(_torch, dtype=dtype)
   pairs = {
-      "linear forward x @ W": (_jax(lambda x, w: x @ w, x, w), _torch(lambda x, w: x @ w, x, w)),
-      "linear input gradient dy @ W.T": (_jax(lambda dy, w: dy @ w.T, dy, w), _torch(lambda dy, w: dy @ w.T, dy, w)),
-      "linear weight gradient x.T @ dy": (_jax(lambda x, dy: x.T @ dy, x, dy), _torch(lambda x, dy: x.T @ dy, x, dy)),
-      "SwiGLU MLP forward + backward": (_jax(jax_mlp, x, gate, up, down),
-                                        _torch(torch_mlp, x, gate, up, down, grad=(0, 1, 2, 3))),
-      "causal GQA attention forward + backward": (_jax(jax_attention(scale, causal_blocks), q, k, v, mask),
-                                                  _torch(torch_attention(scale), q, k, v, mask, grad=(0, 1, 2))),
+      "linear forward x @ W": (jx(lambda x, w: x @ w, x, w), pt(lambda x, w: x @ w, x, w)),
+      "linear input gradient dy @ W.T": (jx(lambda dy, w: dy @ w.T, dy, w), pt(lambda dy, w: dy @ w.T, dy, w)),
+      "linear weight gradient x.T @ dy": (jx(lambda x, dy: x.T @ dy, x, dy), pt(lambda x, dy: x.T @ dy, x, dy)),
+      "SwiGLU MLP forward + backward": (jx(jax_mlp, x, gate, up, down),
+                                        pt(torch_mlp, x, gate, up, down, grad=(0, 1, 2, 3))),
+      "causal GQA attention forward + backward": (jx(jax_attention(scale, causal_blocks), q, k, v, mask),
+                                                  pt(torch_attention(scale), q, k, v, mask, grad=(0, 1, 2))),
+      "rotary embedding forward + backward": (jx(jax_rope, q, positions, co),
+                                              pt(torch_rope, q, positions, co, grad=(0,))),
   }
   if vision:
     tiles, patches, vheads, vdim = vision
@@ -118,8 +144,8 @@ def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, he
     keys = np.ones((tiles, 1, 1, patches), bool)
     keys[-1, ..., patches - patches // 4:] = False
     pairs[f"vision attention {tiles} x {patches} patches"] = (
-        _jax(jax_attention(vdim**-0.5), vq, vk, vv, keys),
-        _torch(torch_attention(vdim**-0.5), vq, vk, vv, keys, grad=(0, 1, 2)))
+        jx(jax_attention(vdim**-0.5), vq, vk, vv, keys),
+        pt(torch_attention(vdim**-0.5), vq, vk, vv, keys, grad=(0, 1, 2)))
   return pairs
 
 
@@ -135,16 +161,19 @@ def main(argv=None) -> dict:
   parser.add_argument("--causal-blocks", type=int, default=4, help="as model.causal_blocks (ours only)")
   parser.add_argument("--vision", default="", help="TILES,PATCHES,HEADS,HEAD_DIM: also a vision tower's attention "
                       "(SigLIP at 512 px as smolvlm_256m trains it: 3,1024,12,64)")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="the inputs' dtype in both libraries (bfloat16: PyTorch's oneDNN kernels, AMX where the "
+                      "CPU has it; XLA's CPU backend)")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--iters", type=int, default=10)
   args = parser.parse_args(argv)
   jax.config.update("jax_platforms", "cpu")
   b, t, d, f, n, kv, h = args.batch, args.seq, args.hidden, args.ffn, args.heads, args.kv_heads, args.head_dim
   vision = tuple(int(x) for x in args.vision.split(",")) if args.vision else None
-  pairs = cases(b, t, d, f, n, kv, h, args.causal_blocks, vision)
+  pairs = cases(b, t, d, f, n, kv, h, args.causal_blocks, vision, dtype=args.dtype)
   sync = jax.block_until_ready
   print(f"{b} x {t} tokens, hidden {d}, MLP {f}, {n} heads ({kv} KV) of {h}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; jax {jax.__version__}")
+        f"{torch.get_num_threads()} threads; jax {jax.__version__}; {args.dtype}")
   result = {}
   for name, (ours, theirs) in pairs.items():
     jax_ms = _time(ours, args.rounds, args.iters, sync)

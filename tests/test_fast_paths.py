@@ -224,3 +224,27 @@ def test_late_sum_is_the_softmax(monkeypatch, n, kv, softcap):
       jnp.repeat(v[1].mean(axis=0), n // kv, axis=0), results[True][0][1, -3:].shape), rtol=1e-5, atol=1e-6)
   for a, b in zip(results[True][1], results[False][1]):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_rope_gradient_is_the_inverse_rotation():
+  """apply_rope's custom VJP (the rotation by -angle, one pass) gives autodiff's gradient of the plain form."""
+  b, t, n, h = 2, 7, 3, 8
+  x = jax.random.normal(jax.random.key(0), (b, t, n, h))
+  co = jax.random.normal(jax.random.key(1), (b, t, n, h))
+  positions = jnp.array([[0, 1, 2, 0, 1, 2, 3], [5, 6, 7, 8, 9, 10, 11]])  # packed segments restart at 0
+  inv_freq = layers.rope_inv_freq(h, 10000.0)
+
+  def plain(x):
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None]
+    rotated = jnp.concatenate([-x[..., h // 2:], x[..., :h // 2]], axis=-1)
+    return x * jnp.cos(emb) + rotated * jnp.sin(emb)
+
+  out, vjp = jax.vjp(lambda x: layers.apply_rope(x, positions, inv_freq), x)
+  want_out, want_vjp = jax.vjp(plain, x)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(vjp(co)[0]), np.asarray(want_vjp(co)[0]), rtol=1e-5, atol=1e-5)
+  # The backward is one elementwise pass: no pad of the halves (autodiff's transpose of the concatenation).
+  grad_hlo = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(co * f(x)))).lower(x).as_text()
+  assert "stablehlo.pad" in grad_hlo(plain)
+  assert "stablehlo.pad" not in grad_hlo(lambda x: layers.apply_rope(x, positions, inv_freq))

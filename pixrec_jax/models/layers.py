@@ -388,6 +388,29 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   cos = jnp.cos(emb)[:, :, None, :].astype(x.dtype)
   sin = jnp.sin(emb)[:, :, None, :].astype(x.dtype)
+  return _rotary(x, cos, sin)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
   half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos + rotated * sin
+  return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+@jax.custom_vjp
+def _rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  return x * cos + _rotate_half(x) * sin
+
+
+def _rotary_fwd(x, cos, sin):
+  return _rotary(x, cos, sin), (cos, sin)
+
+
+def _rotary_bwd(res, g):
+  # The rotation's transpose is the rotation by -angle (cos and sin repeat across the two halves, so
+  # rotate_half commutes with them): one fused pass like the forward, where differentiating the slices and
+  # the concatenation gives a pad and an add per half. cos and sin come from integer positions: no gradient.
+  cos, sin = res
+  return _rotary(g, cos, -sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+_rotary.defvjp(_rotary_fwd, _rotary_bwd)
