@@ -12,6 +12,7 @@ from pixrec_jax import sharding as shd
 from pixrec_jax.data import pipeline
 from pixrec_jax.recsys.losses import LossWeights
 from pixrec_jax.train import optim
+from pixrec_jax.train import run
 from pixrec_jax.train.run import train_and_evaluate
 from pixrec_jax.train.trainer import Trainer
 from tests.conftest import tiny_pixrec_fn
@@ -143,3 +144,10 @@ def test_items_with_identical_text_tie_exactly_in_text_only_ranking(word_tokeniz
   for ids in twins:
     assert all(np.array_equal(emb[ids[0]], emb[i]) for i in ids)
   assert len({emb[ids[0]].tobytes() for ids in by_text.values()}) == len(by_text)
+
+
+def test_bfloat16_on_cpu_points_to_float32():
+  # XLA:CPU is slower in bfloat16 than in float32 (BENCHMARKS.md); GPUs and float32 get no note.
+  assert run.cpu_dtype_note("float32", "cpu") is None
+  assert run.cpu_dtype_note("bfloat16", "gpu") is None and run.cpu_dtype_note("bfloat16", "tpu") is None
+  assert "--config.model.dtype=float32" in run.cpu_dtype_note("bfloat16", "cpu")

@@ -202,6 +202,9 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
   if cfg.train.epochs > 0:
     steps = int(math.ceil(cfg.train.epochs * len(splits.train) / batch_size))
   rt = Runtime.from_config(cfg.model)
+  note = cpu_dtype_note(rt.dtype, mesh.devices.flat[0].platform)
+  if note:
+    print(f"pixrec_jax: {note}", flush=True)
   heads = HeadsConfig(proj_dim=cfg.pixrec.proj_dim, pooling=cfg.pixrec.pooling, text_only=text_only)
   weights = LossWeights(alpha=cfg.pixrec.alpha, beta=cfg.pixrec.beta, temperature=cfg.pixrec.temperature)
   adapters = lora.LoRAConfig.from_config(cfg.get("lora"))
@@ -218,6 +221,15 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
   trainer = Trainer(model_fn, tx, trainable, weights, mesh, sched, grad_accum_steps=accum,
                     freeze=cfg.train.get("freeze", ()), seed=cfg.seed)
   return Job(cfg, workdir, dataset, splits, builder, mesh, trainer, steps, text_only, pack_rows, pack_items)
+
+
+def cpu_dtype_note(dtype: str, platform: str) -> str | None:
+  """What to tell a user who trains in bfloat16 on CPU, where it is slower than float32 (None: nothing)."""
+  if platform != "cpu" or dtype != "bfloat16":
+    return None
+  return (f"model.dtype={dtype} on CPU: XLA's CPU backend runs bfloat16 matmuls no faster than float32 ones "
+          "and adds conversions (smolvlm_256m's step: 18.3 s in bfloat16, 16.6 s in float32 on a 2-core Xeon; "
+          "BENCHMARKS.md); --config.model.dtype=float32 trains faster here")
 
 
 def init_state(job: Job):
