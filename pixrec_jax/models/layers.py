@@ -127,7 +127,12 @@ class Linear(nnx.Module):
     self.lora = nnx.data(None)  # a LoRA adapter, attached by pixrec_jax.models.lora.apply
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    kernel = self.kernel[...].astype(self.dtype)
+    if x.ndim > 2 and _flat_matmuls():
+      # (B, T, D) as (B x T, D): the weight gradient then contracts one axis, not two (see _flat_matmuls).
+      y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel).reshape(x.shape[:-1] + kernel.shape[1:])
+    else:
+      y = jnp.dot(x.astype(self.dtype), kernel)
     if self.lora is not None:
       y = y + self.lora(x, self.dtype)
     if self.bias is not None:
@@ -340,6 +345,14 @@ def _map_heads(groups: int, queries: int, keys: int) -> bool:
     return False
   mesh = jax.sharding.get_abstract_mesh()
   return mesh.empty or "tensor" not in mesh.axis_names or mesh.shape["tensor"] == 1
+
+
+def _flat_matmuls() -> bool:
+  """Whether Linear flattens its input's leading axes into one before the matmul: on CPU, where XLA runs
+  the (B, T, D) x (D, F) form, and above all its weight gradient (a contraction over B and T), 13-15%
+  slower than the same matmuls on (B x T, D) (BENCHMARKS.md, "Linear layers on flattened tokens"). GPUs
+  canonicalise both to one GEMM; their timings were measured with the unflattened form, which they keep."""
+  return jax.default_backend() == "cpu"
 
 
 def _late_sum() -> bool:
