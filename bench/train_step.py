@@ -339,7 +339,8 @@ def main(argv=None) -> dict:
       print(proc.stdout, end="")
       theirs = json.loads(proc.stdout.strip().splitlines()[-1])
       result["torch_examples_per_s"] = theirs["torch_examples_per_s"]
-      result["ratio_vs_torch"] = round(result["examples_per_s"] / theirs["torch_examples_per_s"], 3)
+      # From the step times and batches: examples/s are rounded, coarsely for steps of seconds.
+      result["ratio_vs_torch"] = round(batch_size / step_s / (theirs["batch"] / theirs["torch_step_s"]), 3)
       result["torch_cpu_s_per_step"] = theirs["torch_cpu_s_per_step"]
       print(f"ours / PyTorch reference: {result['ratio_vs_torch']:.2f}x")
   print(json.dumps(result))
