@@ -252,7 +252,7 @@ def test_rope_gradient_is_the_inverse_rotation():
 
 def test_linear_runs_flattened_tokens_on_cpu():
   """On CPU, Linear's matmuls see (B x T, D): no matmul of its forward or backward contracts two axes (the
-  weight gradient over B and T ran 13-15% slower); the outputs are the unflattened form's."""
+  weight gradient over B and T runs slower there: BENCHMARKS.md); the outputs are the unflattened form's."""
   lin = layers.Linear(8, 6, axes=(None, None), use_bias=True, rngs=nnx.Rngs(0))
   lin.bias[...] = jnp.arange(6.0)
   x = jax.random.normal(jax.random.key(2), (3, 5, 8))

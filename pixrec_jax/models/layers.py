@@ -349,9 +349,10 @@ def _map_heads(groups: int, queries: int, keys: int) -> bool:
 
 def _flat_matmuls() -> bool:
   """Whether Linear flattens its input's leading axes into one before the matmul: on CPU, where XLA runs
-  the (B, T, D) x (D, F) form, and above all its weight gradient (a contraction over B and T), 13-15%
-  slower than the same matmuls on (B x T, D) (BENCHMARKS.md, "Linear layers on flattened tokens"). GPUs
-  canonicalise both to one GEMM; their timings were measured with the unflattened form, which they keep."""
+  the (B, T, D) x (D, F) form, and above all its weight gradient (a contraction over B and T), slower
+  than the same matmuls on (B x T, D) (smolvlm_256m's step 15.6 -> 14.6 s: BENCHMARKS.md, "Linear layers
+  on flattened tokens"). GPUs canonicalise both to one GEMM; their timings were measured with the
+  unflattened form, which they keep."""
   return jax.default_backend() == "cpu"
 
 
