@@ -99,13 +99,16 @@ def test_causal_blocks_skip_the_masked_logits():
 
 def test_cpu_attention_maps_over_heads_for_large_vision_logits(monkeypatch):
   """Without grouped queries and with at least 512 x 512 logits a head, CPU attention maps over the heads
-  (layers._map_heads); outputs and gradients equal the unmapped form's, with padded keys, a mask broadcast
-  over queries or a full one, and the soft-cap."""
+  in blocks of queries with its backward pass written out (layers._head_by_head); outputs and gradients
+  equal autodiff's of the unmapped form, with padded keys, a mask broadcast over queries or a full one, an
+  example with no key at all (its rows the values' average), and the soft-cap."""
   b, t, n, h = 2, 512, 2, 8
   q, k, v = (jax.random.normal(jax.random.key(i), (b, t, n, h)) for i in range(3))
   keys = jnp.arange(t)[None, :] < jnp.asarray([t, t - 100])[:, None]
   masks = {"keys": keys[:, None, None, :], "full": jax.random.bernoulli(jax.random.key(4), 0.7, (b, 1, t, t)) |
-           jnp.eye(t, dtype=bool)[None, None], "none": None}
+           jnp.eye(t, dtype=bool)[None, None], "none": None,
+           "no key": (keys & jnp.asarray([[True], [False]]))[:, None, None, :]}
+  assert layers._query_edges(t) == [0, 256, 512]  # two blocks of queries
 
   def loss(q, k, v, mask, softcap):
     out = layers.attention(q, k, v, mask, 0.3, softcap=softcap)
@@ -120,6 +123,15 @@ def test_cpu_attention_maps_over_heads_for_large_vision_logits(monkeypatch):
   for name, mask in masks.items():
     for softcap in (None, 5.0):
       results[name, softcap] = grad(q, k, v, mask, softcap)
+  # bfloat16 inputs: gradients in bfloat16, near the float32 ones, and no matmul mixes the two dtypes.
+  half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  hlo = fresh().lower(*half, masks["keys"], None).as_text()
+  operand_dtypes = re.findall(r"stablehlo.dot_general[^\n]*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)", hlo)
+  assert len(operand_dtypes) >= 7 and all(a == b == "bf16" for a, b in operand_dtypes), operand_dtypes
+  (_, _), half_grads = fresh()(*half, masks["keys"], None)
+  for g, w in zip(half_grads, results["keys", None][1]):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), atol=0.05 * float(jnp.max(jnp.abs(w))))
   monkeypatch.setattr(layers, "MAP_HEADS_MIN_LOGITS", t * t + 1)
   assert not layers._map_heads(1, t, t)
   assert "scan" not in str(jax.make_jaxpr(fresh(), static_argnums=4)(q, k, v, masks["keys"], None))

@@ -318,18 +318,114 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
     return (out[..., :-1] / out[..., -1:]).astype(v.dtype)
 
   if _map_heads(groups, t, s):
-    # One KV head at a time (the batch stays a batch axis): XLA:CPU writes each op's whole output
-    # before the next reads it, and a vision tower's logits for every head at once (SigLIP at 512 px:
-    # 12 x 1024 x 1024 float32 a tile) make each softmax pass a trip to memory. Each head's logits are
-    # recomputed in the backward pass instead of stored (jax.checkpoint): faster on CPU, and no 12 MB of
-    # probabilities a head kept per layer until the backward pass (BENCHMARKS.md).
-    heads = (q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1))
+    # One head at a time, in blocks of queries, with the backward pass written out (`_head_by_head`).
     head_mask = None if mask is None else mask[:, 0]  # (B, T or 1, S) against one head's (B, T, S)
-    out = jax.lax.map(jax.checkpoint(lambda qkv: attend(*qkv, head_mask)), heads)
+    out = _head_by_head(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1), head_mask, scale, softcap)
     out = out.swapaxes(0, 1)
   else:
     out = attend(q, k, v, mask if mask is None or groups == 1 else mask[:, :, None])
   return out.reshape(b, kv_heads, groups, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+HEAD_QUERY_BLOCK = 256  # queries a block in `_head_by_head` (about; the blocks split T evenly)
+
+
+def _query_edges(t: int) -> list[int]:
+  n = max(1, round(t / HEAD_QUERY_BLOCK))
+  return [t * i // n for i in range(n + 1)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _head_by_head(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
+                  softcap: float | None) -> jax.Array:
+  """Attention without grouped queries, one head at a time (a `lax.map`), each head's queries in blocks of
+  about HEAD_QUERY_BLOCK: the CPU form of large vision-tower attention (`_map_heads`).
+
+  q: (N, B, T, H); k, v: (N, B, S, H); mask: (B, T or 1, S) or None. The result is `attend`'s (the
+  softmax over float32 logits, an average of the values for a query row with no key). XLA:CPU writes each
+  op's whole output before the next reads it, so a head's (B, T, S) logits make every softmax pass a trip
+  to memory (SigLIP at 512 px: 12 MB a head for 3 tiles); a block of queries keeps them a quarter of that.
+  The backward pass is flash attention's: it recomputes a block's probabilities from the logits and the
+  forward's row maxima and sums (nothing (T, S) is stored), then one matmul each for the values', the
+  probabilities', the queries' and the keys' gradients. Autodiff of the forward would run its values
+  matmul and row maxima again and transpose the probabilities for two of its gradient matmuls; the
+  backward here computes the logits keys-first, (B, S, T), so that only the queries' gradient reads a
+  transposed operand (BENCHMARKS.md, "Vision attention with its backward pass written out").
+  """
+  return _head_by_head_fwd(q, k, v, mask, scale, softcap)[0]
+
+
+def _head_logits(q, k, mask, scale, softcap, keys_first=False):
+  """One head's float32 logits for a block of queries, scaled, soft-capped and masked: (B, T, S), or with
+  keys_first (B, S, T). Also the soft-capped logits before the mask (None without soft-cap)."""
+  spec, operands = ("bsh,bth->bst", (k, q)) if keys_first else ("bth,bsh->bts", (q, k))
+  logits = jnp.einsum(spec, *operands, preferred_element_type=jnp.float32) * scale
+  capped = None
+  if softcap is not None:
+    logits = capped = softcapped(logits, softcap)
+  if mask is not None:
+    logits = jnp.where(mask.swapaxes(-1, -2) if keys_first else mask, logits, jnp.finfo(jnp.float32).min)
+  return logits, capped
+
+
+def _block_mask(mask, start, end):
+  return mask if mask is None or mask.shape[-2] == 1 else mask[:, start:end]
+
+
+def _head_forward(q, k, v, mask, scale, softcap):
+  """One head: the output (B, T, H) and each query's row maximum and row sum of exp(logits - max), (B, T, 1)."""
+  values = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)  # [values | 1], as `attend`
+  outs, tops, sums = [], [], []
+  edges = _query_edges(q.shape[1])
+  for start, end in zip(edges[:-1], edges[1:]):
+    logits, _ = _head_logits(q[:, start:end], k, _block_mask(mask, start, end), scale, softcap)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    out = jnp.einsum("bts,bsh->bth", jnp.exp(logits - top).astype(v.dtype), values,
+                     preferred_element_type=jnp.float32)
+    outs.append((out[..., :-1] / out[..., -1:]).astype(v.dtype))
+    tops.append(top)
+    sums.append(out[..., -1:])
+  return tuple(jnp.concatenate(x, axis=1) for x in (outs, tops, sums))
+
+
+def _head_backward(q, k, v, mask, out, top, total, dout, scale, softcap):
+  """One head's (dq, dk, dv) from its inputs, output, row maxima and sums, and the output's cotangent."""
+  dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+  edges = _query_edges(q.shape[1])
+  for start, end in zip(edges[:-1], edges[1:]):
+    qb, dob = q[:, start:end], dout[:, start:end]
+    block_mask = _block_mask(mask, start, end)
+    logits, capped = _head_logits(qb, k, block_mask, scale, softcap, keys_first=True)  # (B, S, Tb)
+    rows = lambda x: x[:, start:end].swapaxes(1, 2)  # (B, Tb, 1) -> (B, 1, Tb)
+    probs = jnp.exp(logits - rows(top)) / rows(total)
+    dv = dv + jnp.einsum("bst,bth->bsh", probs.astype(v.dtype), dob, preferred_element_type=jnp.float32)
+    dprobs = jnp.einsum("bsh,bth->bst", v, dob, preferred_element_type=jnp.float32)
+    # The softmax's gradient: probs * (dprobs - sum over keys of probs * dprobs), that sum being out . dout.
+    rowdot = jnp.sum(out[:, start:end].astype(jnp.float32) * dob.astype(jnp.float32), axis=-1)[:, None, :]
+    dlogits = probs * (dprobs - rowdot)
+    if softcap is not None:
+      dlogits = dlogits * (1.0 - jnp.square(capped / softcap))
+    if block_mask is not None:  # masked logits get no gradient (a query row with no key has probs 1 / S)
+      dlogits = jnp.where(block_mask.swapaxes(-1, -2), dlogits, 0.0)
+    dlogits = dlogits * scale
+    dq.append(jnp.einsum("bst,bsh->bth", dlogits.astype(k.dtype), k, preferred_element_type=jnp.float32))
+    dk = dk + jnp.einsum("bst,bth->bsh", dlogits.astype(q.dtype), qb, preferred_element_type=jnp.float32)
+  return jnp.concatenate(dq, axis=1).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _head_by_head_fwd(q, k, v, mask, scale, softcap):
+  out, top, total = jax.lax.map(lambda qkv: _head_forward(*qkv, mask, scale, softcap), (q, k, v))
+  return out, (q, k, v, mask, out, top, total)
+
+
+def _head_by_head_bwd(scale, softcap, residuals, dout):
+  q, k, v, mask, out, top, total = residuals
+  dq, dk, dv = jax.lax.map(lambda x: _head_backward(*x[:3], mask, *x[3:], scale, softcap),
+                           (q, k, v, out, top, total, dout))
+  return dq, dk, dv, None
+
+
+_head_by_head.defvjp(_head_by_head_fwd, _head_by_head_bwd)
 
 
 MAP_HEADS_MIN_LOGITS = 512 * 512
