@@ -44,6 +44,9 @@ PROMPT_TOKENS = 51
 ITEM_TOKENS = 13
 SYNTHETIC_VOCAB = 96
 SYNTHETIC_IMAGE_TOKEN = 3
+# Environment variables each result records: XLA flags, and glibc malloc tunables (on CPU,
+# GLIBC_TUNABLES=glibc.malloc.hugetlb=1 moves the smolvlm_256m step by 13%: BENCHMARKS.md).
+ENV_RECORDED = ("XLA_FLAGS", "GLIBC_TUNABLES")
 
 
 def _round_up(n: int, multiple: int = 8) -> int:
@@ -317,6 +320,8 @@ def main(argv=None) -> dict:
       "warmup_s": round(warm_s, 1), "cpu_s_per_step": round(cpu_s, 4), "examples_per_s": round(batch_size / step_s, 3),
       "tflop_per_step": round(count["total"] / 1e12, 4), "tflops_per_device": round(util["tflops_per_device"], 3),
       "mfu": None if util["mfu"] is None else round(util["mfu"], 4), "loss": loss,
+      # Process-wide settings that move these timings (the PyTorch reference, a child process, inherits them).
+      "env": {k: os.environ[k] for k in ENV_RECORDED if os.environ.get(k)},
   }
   if resident_s is not None:
     result["resident_examples_per_s"] = round(batch_size / resident_s, 3)

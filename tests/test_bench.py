@@ -121,15 +121,19 @@ def test_attention_bench_reports_each_kernel_against_xla(capsys):
   assert json.loads(last) == json.loads(json.dumps(result))
 
 
-def test_packed_prompts_take_the_fewest_rows_and_count_their_flops():
+def test_packed_prompts_take_the_fewest_rows_and_count_their_flops(monkeypatch):
   """--pack-rows auto packs the synthetic batch's prompts (as data.pack_rows) into the fewest rows they fit,
-  and the FLOP count is that of those rows, not of a row per example."""
+  and the FLOP count is that of those rows, not of a row per example. The result records the process's
+  malloc tunables (they move CPU timings), and no empty ones."""
   from pixrec_jax import flops
   from pixrec_jax.data import packing
 
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  monkeypatch.setenv("XLA_FLAGS", "")
   args = ["--config", "configs/demo.py:text_only", "--config.model.text.num_hidden_layers=1", "--batch", "8",
           "--warmup", "1", "--rounds", "1", "--steps", "1"]
   packed = train_step.main(args + ["--pack-rows", "auto"])
+  assert packed["env"] == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
   cfg, _ = config_lib.parse_args(["--config", "configs/demo.py:text_only", "--config.model.text.num_hidden_layers=1"])
   bcfg = train_step.backbone_config(cfg)
   layout = train_step.layout_for(bcfg, max_history=cfg.data.max_history, text_only=True)
