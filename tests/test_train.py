@@ -151,3 +151,20 @@ def test_bfloat16_on_cpu_points_to_float32():
   assert run.cpu_dtype_note("float32", "cpu") is None
   assert run.cpu_dtype_note("bfloat16", "gpu") is None and run.cpu_dtype_note("bfloat16", "tpu") is None
   assert "--config.model.dtype=float32" in run.cpu_dtype_note("bfloat16", "cpu")
+
+
+def test_cpu_malloc_note_only_where_huge_pages_are_on_request_and_unused(tmp_path):
+  """A CPU run of a real-resolution VLM is told about glibc.malloc.hugetlb when the kernel hands out huge pages
+  on request and the process did not ask; not on accelerators, for the 32 px demo, when GLIBC_TUNABLES asks
+  already, or when the kernel gives them always, never, or says nothing."""
+  mode = tmp_path / "enabled"
+  mode.write_text("always [madvise] never\n")
+  note = lambda platform="cpu", size=512, env=None, path=mode: run.cpu_malloc_note(platform, size, env or {}, str(path))
+  assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in note()
+  assert note(env={"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) is not None
+  assert note(platform="gpu") is None and note(size=32) is None and note(size=0) is None
+  assert note(env={"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}) is None
+  for line in ("[always] madvise never\n", "always madvise [never]\n"):
+    mode.write_text(line)
+    assert note() is None
+  assert note(path=tmp_path / "absent") is None
