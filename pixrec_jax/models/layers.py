@@ -237,7 +237,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
   before masking.
 
   implementation "xla" is this einsum form (on CPU the softmax's row sums come out of the values
-  matmul, a column of ones beside the values: `_late_sum`); "cudnn" hands the same computation
+  matmul, a column of ones beside the values: `_late_sum`; vision towers' large attention runs a head at a
+  time with its backward pass written out: `_head_by_head`); "cudnn" hands the same computation
   to `jax.nn.dot_product_attention` (fused kernels on GPU, half precision only,
   no soft-capping); "pallas" to `flash.flash_attention`, fused Pallas kernels for
   GPUs that also soft-cap (Gemma2, PaliGemma 2).
