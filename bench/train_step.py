@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import resource
 import statistics
 import subprocess
 import sys
@@ -177,17 +178,20 @@ def build_trainer(cfg, bcfg, text_only: bool, runtime: dict | None = None):
   return Trainer(model_fn, tx, trainable, weights, mesh, sched), rt
 
 
-def time_rounds(step, warmup: int, rounds: int, steps: int, sync, timed_step=None) -> tuple[float, float, float]:
+def time_rounds(step, warmup: int, rounds: int, steps: int, sync, timed_step=None,
+                counts: dict | None = None) -> tuple[float, float, float]:
   """(median seconds per step over rounds, seconds of the warm-up, median CPU seconds of this process per
   step). `step()` runs one step (`timed_step()`, if given, in the timed rounds); `sync()` waits. On a
   shared CPU the process's CPU time is the steadier measure of work: other processes' load stretches wall
-  time, not it."""
+  time, not it. `counts`, if given, receives "minor_faults_per_step": the page faults of the timed rounds
+  (memory mapped afresh: pixrec_jax.host_memory)."""
   start = time.perf_counter()
   for _ in range(warmup):
     step()
   sync()
   warm = time.perf_counter() - start
   times, cpu = [], []
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(rounds):
     start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
@@ -195,6 +199,9 @@ def time_rounds(step, warmup: int, rounds: int, steps: int, sync, timed_step=Non
     sync()
     times.append((time.perf_counter() - start) / steps)
     cpu.append((time.process_time() - start_cpu) / steps)
+  if counts is not None:
+    counts["minor_faults_per_step"] = round((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+                                            / max(1, rounds * steps))
   return statistics.median(times), warm, statistics.median(cpu)
 
 
@@ -239,9 +246,10 @@ def main(argv=None) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   if args.platform:
     jax.config.update("jax_platforms", args.platform)
-  from pixrec_jax import config_lib, flops  # pylint: disable=import-outside-toplevel
+  from pixrec_jax import config_lib, flops, host_memory  # pylint: disable=import-outside-toplevel
 
   cfg, _ = config_lib.parse_args(["--config", args.config, *rest])
+  prepared = host_memory.prepare(cfg.cpu.reuse_step_memory)  # as pixrec_jax.main, before jax's CPU client
   batch_size = args.batch or cfg.train.batch_size
   text_only = bool(cfg.pixrec.text_only)
   bcfg = backbone_config(cfg)
@@ -273,6 +281,7 @@ def main(argv=None) -> dict:
     print(f"this tree's Runtime has no {k!r}; running without it")
     del runtime[k]
   trainer, rt = build_trainer(cfg, bcfg, text_only, runtime)
+  reused = host_memory.retain(jax.devices()[0].platform) if prepared else False
   # Random weights of the real shapes: the model's own initialisers compile for minutes at full size and
   # the values do not change the step's speed (tests/test_random_state.py checks the state).
   state = [trainer.random_state(cfg.seed)]
@@ -286,8 +295,10 @@ def main(argv=None) -> dict:
     with jax.transfer_guard_device_to_host("disallow"):
       step()
 
+  counts = {}
   step_s, warm_s, cpu_s = time_rounds(step, args.warmup, args.rounds, args.steps,
-                                      lambda: jax.block_until_ready((state[0], metrics[0])), timed_step=guarded_step)
+                                      lambda: jax.block_until_ready((state[0], metrics[0])), timed_step=guarded_step,
+                                      counts=counts)
   resident_s = None
   if args.resident:
     # The same step on a batch already on the devices: the difference is what the host -> device copy costs.
@@ -322,6 +333,8 @@ def main(argv=None) -> dict:
       "mfu": None if util["mfu"] is None else round(util["mfu"], 4), "loss": loss,
       # Process-wide settings that move these timings (the PyTorch reference, a child process, inherits them).
       "env": {k: os.environ[k] for k in ENV_RECORDED if os.environ.get(k)},
+      "cpu_step_memory_reused": reused,  # pixrec_jax.host_memory (config cpu.reuse_step_memory)
+      "minor_faults_per_step": counts["minor_faults_per_step"],
   }
   if resident_s is not None:
     result["resident_examples_per_s"] = round(batch_size / resident_s, 3)

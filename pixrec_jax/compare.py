@@ -22,7 +22,7 @@ import sys
 import jax
 import ml_collections
 
-from pixrec_jax import config_lib, distributed
+from pixrec_jax import config_lib, distributed, host_memory
 from pixrec_jax.eval import report as report_lib
 
 MODEL = "pixrec"
@@ -116,6 +116,7 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
     cfg, workdir = config_lib.parse_args(argv)
+    host_memory.prepare(cfg.cpu.reuse_step_memory)  # as pixrec_jax.main, before jax makes its CPU client
     distributed.maybe_initialize(cfg)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)

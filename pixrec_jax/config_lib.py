@@ -50,6 +50,8 @@ def job_defaults() -> ml_collections.ConfigDict:
   c.lora.dropout = 0.0  # on the adapters' input, in training only
   c.lora.targets = ("text_model/**/mlp/(gate|up|down)_proj",)  # models.lora.PAPER_TARGETS
   c.distributed = distributed.default_config()  # several processes: when and how they meet
+  c.cpu = ml_collections.ConfigDict()
+  c.cpu.reuse_step_memory = True  # CPU backend: each step's scratch memory reused, not mapped afresh (host_memory)
   c.eval = ml_collections.ConfigDict()
   c.eval.cache = True  # keep the catalogue's item embeddings per checkpoint in WORKDIR/cache
   c.eval.baselines = ("popularity", "last_item_nn")  # ranked beside the model in report.md

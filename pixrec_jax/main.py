@@ -18,6 +18,8 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
     cfg, workdir = config_lib.parse_args(argv)
+    from pixrec_jax import host_memory  # pylint: disable=import-outside-toplevel  # jax, once the arguments parse
+    host_memory.prepare(cfg.cpu.reuse_step_memory)  # before jax makes its CPU client
     # Before anything touches a device: every process of a multi-host job joins first.
     joined = distributed.maybe_initialize(cfg)
   except ValueError as e:  # a ConfigError, or distributed settings that cannot work

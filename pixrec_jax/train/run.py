@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from pixrec_jax import config_lib, flops
+from pixrec_jax import config_lib, flops, host_memory
 from pixrec_jax import sharding as shd
 from pixrec_jax.convert import hf
 from pixrec_jax.data import processors
@@ -203,8 +203,9 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
     steps = int(math.ceil(cfg.train.epochs * len(splits.train) / batch_size))
   rt = Runtime.from_config(cfg.model)
   platform = mesh.devices.flat[0].platform
-  for note in (cpu_dtype_note(rt.dtype, platform),
-               cpu_malloc_note(platform, 0 if text_only or not bcfg.is_vlm else bcfg.vision.image_size)):
+  reused = host_memory.retain(platform)  # after host_memory.prepare at the entry point (pixrec_jax.main)
+  image_size = 0 if text_only or not bcfg.is_vlm else bcfg.vision.image_size
+  for note in (cpu_dtype_note(rt.dtype, platform), None if reused else cpu_malloc_note(platform, image_size)):
     if note and jax.process_index() == 0:
       print(f"pixrec_jax: {note}", flush=True)
   heads = HeadsConfig(proj_dim=cfg.pixrec.proj_dim, pooling=cfg.pixrec.pooling, text_only=text_only)
@@ -233,7 +234,8 @@ def cpu_malloc_note(platform: str, image_size: int, environ=None, thp_mode_file:
   (None: nothing). The kernel gives transparent huge pages on request ("madvise" mode) and glibc's malloc asks
   only with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, read at process start, so a library cannot set it; the
   smolvlm_256m step is 13% faster with it and the 32 px demo's 7% slower (BENCHMARKS.md), hence images of
-  at least 224 px only."""
+  at least 224 px only. The main job asks only when it does not keep the step's memory itself
+  (cpu.reuse_step_memory=False: host_memory), which removes the page faults huge pages make fewer."""
   environ = os.environ if environ is None else environ
   if platform != "cpu" or image_size < 224 or "hugetlb" in environ.get("GLIBC_TUNABLES", ""):
     return None

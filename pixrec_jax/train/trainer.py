@@ -39,7 +39,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pixrec_jax import sharding as shd
-from pixrec_jax import xla_options
+from pixrec_jax import host_memory, xla_options
 from pixrec_jax.models import lora
 from pixrec_jax.recsys import losses
 from pixrec_jax.recsys.losses import LossWeights, mixed_loss
@@ -307,6 +307,10 @@ class Trainer:
     self.check_batch_size(batch)
     shardings = self.batch_shardings(batch)
     global_batch = self.put_batch(batch, shardings)
+    if host_memory.retained():
+      # The batch's copy done before the step starts, so that the step runs on this thread and its scratch
+      # memory comes from the heap host_memory keeps (a step waiting on the copy would start on a pool thread).
+      jax.block_until_ready(global_batch)
     if self._step is None:
       self._step = self.jitted_step(shardings)
     with jax.set_mesh(self.mesh):
