@@ -52,6 +52,8 @@ def config(workdir, data, process_id, num_processes, port):
 
 def main(workdir, data, process_id, num_processes, port):
   cfg = config(workdir, data, process_id, num_processes, port)
+  from pixrec_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.prepare(cfg.cpu.reuse_step_memory)  # as pixrec_jax.main: sync CPU dispatch across processes too
   distributed.maybe_initialize(cfg)
 
   import jax  # pylint: disable=g-import-not-at-top
