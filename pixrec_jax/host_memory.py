@@ -18,8 +18,9 @@ The demo's step runs 1.2x as fast and smolvlm_256m's 1.21x (BENCHMARKS.md, "The 
 kept"); the process's peak resident memory is unchanged, and it no longer shrinks after the peak. Either
 setting alone gains nothing (the first alone is slower), so `prepare` does nothing where the second cannot
 follow (a C library without glibc's `mallopt`). Accelerators' runs are untouched: the setting of
-`prepare` concerns the CPU client only, and `retain` does nothing on other platforms. The main job and
-`bench/train_step.py` apply both unless the config sets `cpu.reuse_step_memory=False`.
+`prepare` concerns the CPU client only, and `retain` does nothing on other platforms. The main job,
+`python -m pixrec_jax.compare` and `bench/train_step.py` apply both unless the config sets
+`cpu.reuse_step_memory=False`; code that calls `run.setup` itself applies them by calling `prepare` first.
 """
 
 from __future__ import annotations
