@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
   from pixrec_jax import config_lib, flops, host_memory  # pylint: disable=import-outside-toplevel
 
   cfg, _ = config_lib.parse_args(["--config", args.config, *rest])
-  prepared = host_memory.prepare(cfg.cpu.reuse_step_memory)  # as pixrec_jax.main, before jax's CPU client
+  host_memory.prepare(cfg.cpu.reuse_step_memory)  # as pixrec_jax.main, before jax's CPU client
   batch_size = args.batch or cfg.train.batch_size
   text_only = bool(cfg.pixrec.text_only)
   bcfg = backbone_config(cfg)
@@ -281,7 +281,7 @@ def main(argv=None) -> dict:
     print(f"this tree's Runtime has no {k!r}; running without it")
     del runtime[k]
   trainer, rt = build_trainer(cfg, bcfg, text_only, runtime)
-  reused = host_memory.retain(jax.devices()[0].platform) if prepared else False
+  reused = host_memory.retain(jax.devices()[0].platform)  # applies only where prepare did
   # Random weights of the real shapes: the model's own initialisers compile for minutes at full size and
   # the values do not change the step's speed (tests/test_random_state.py checks the state).
   state = [trainer.random_state(cfg.seed)]
