@@ -15,7 +15,7 @@ then rounds of steps with one device sync per round; median round.
 The last line is one JSON object; with the spec's own figures from train_step.py
 it holds ratio_vs_torch (ours / theirs, examples per second).
 
-  python bench/torch_reference.py --spec DIR [--device cuda] [--attn eager]
+  python bench/torch_reference.py --spec DIR [--device cuda] [--attn eager] [--batch N]
 """
 
 from __future__ import annotations
@@ -133,6 +133,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--attn", default="", help="transformers attn_implementation (sdpa, eager; default: the "
                       "model's own choice, sdpa where it supports it, as the reference code gets it)")
   parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+  parser.add_argument("--batch", type=int, default=0, help="run the reference on the spec batch's first N rows "
+                      "(0: all of them; a batch that does not fit is halved until it does either way)")
   args = parser.parse_args(argv)
   spec_dir = pathlib.Path(args.spec)
   if not (spec_dir / "spec.json").is_file():
@@ -153,6 +155,10 @@ def main(argv=None) -> dict:
     # Ours packed each distinct image once (data.image_budget); the reference takes (B, M) slots, empty ones zero.
     index, valid = batch.pop("image_index").long(), batch["image_valid"]
     batch["images"] = batch["images"][index] * valid[:, :, None, None, None]
+  if args.batch:
+    if not 0 < args.batch <= len(batch["full_ids"]):
+      raise SystemExit(f"--batch {args.batch}: the spec in {spec_dir} holds {len(batch['full_ids'])} rows")
+    batch = {k: v[:args.batch] for k, v in batch.items()}
   with device:  # initialised where it runs: a 3B model's random init on the host takes minutes
     ref = Reference(spec, args.attn)
   ref.train()
