@@ -276,3 +276,19 @@ def test_linear_runs_flattened_tokens_on_cpu():
   contracting = re.findall(r"contracting_dims = \[([\d, ]*)\] x \[([\d, ]*)\]", hlo)
   assert len(contracting) == 3, hlo  # forward, input gradient, weight gradient
   assert all("," not in lhs and "," not in rhs for lhs, rhs in contracting), contracting
+
+
+@pytest.mark.parametrize("shape", [(3, 256, 1024), (2, 5, 184), (4, 7, 33), (2, 3, 16)])
+def test_row_max_is_the_max_without_windowed_reductions(shape):
+  """layers._row_max (the CPU attention's softmax maxima) equals jnp.max over the last axis, masked rows of
+  the float32 minimum included, and compiles with XLA's own CPU options to no windowed reduction, which
+  XLA:CPU turns a long minor-axis max into (and runs at a fraction of memory speed)."""
+  from pixrec_jax import xla_options
+  x = jax.random.normal(jax.random.key(0), shape) * 5.0
+  x = x.at[0, 1].set(jnp.finfo(jnp.float32).min)  # a row with no allowed key, as `attend` masks it
+  np.testing.assert_array_equal(layers._row_max(x), jnp.max(x, axis=-1, keepdims=True))
+  compiled = jax.jit(layers._row_max, compiler_options=xla_options.compiler_options("cpu")).lower(x).compile()
+  if shape[-1] % 32 == 0 and jax.default_backend() == "cpu":
+    assert "reduce-window(" not in compiled.as_text()
+    reference = jax.jit(lambda x: jnp.max(x, axis=-1), compiler_options=xla_options.compiler_options("cpu"))
+    assert "reduce-window(" in reference.lower(x).compile().as_text()  # what the halving avoids
