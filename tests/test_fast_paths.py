@@ -292,3 +292,41 @@ def test_row_max_is_the_max_without_windowed_reductions(shape):
     assert "reduce-window(" not in compiled.as_text()
     reference = jax.jit(lambda x: jnp.max(x, axis=-1), compiler_options=xla_options.compiler_options("cpu"))
     assert "reduce-window(" in reference.lower(x).compile().as_text()  # what the halving avoids
+
+
+def test_projections_side_by_side_are_the_separate_ones(monkeypatch):
+  """On CPU, Llama's q/k/v and gate/up projections and SigLIP's q/k/v run as one matmul each against their
+  kernels side by side (layers.side_by_side); outputs and every parameter's gradient are the separate
+  matmuls'. A LoRA adapter, which adds its own update to one projection, keeps them separate."""
+  from pixrec_jax.models import lora, llama  # pylint: disable=import-outside-toplevel
+  from pixrec_jax.models.config import TextConfig  # pylint: disable=import-outside-toplevel
+  text = llama.LlamaModel(TextConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8), Runtime(),
+                          nnx.Rngs(0))
+  vision = siglip.VisionTransformer(VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=16, patch_size=8),
+                                    Runtime(), nnx.Rngs(1))
+  cases = ((text, (jax.random.normal(jax.random.key(0), (2, 9, 32)), jnp.ones((2, 9), jnp.int32))),
+           (vision, (jax.random.normal(jax.random.key(1), (3, 3, 16, 16)),)))
+
+  def run(model, args):
+    graph, params = nnx.split(model, nnx.Param)
+    loss = lambda p: jnp.sum(jnp.sin(nnx.merge(graph, p)(*args)))
+    widths = sorted(e.outvars[0].aval.shape[-1] for e in jax.make_jaxpr(loss)(params).eqns
+                    if e.primitive.name == "dot_general")
+    return jax.jit(jax.value_and_grad(loss))(params), widths
+
+  separate = lambda x, linears: [linear(x) for linear in linears]
+  for model, args in cases:
+    (value, grads), widths = run(model, args)
+    with monkeypatch.context() as m:
+      m.setattr(layers, "side_by_side", separate)
+      (want_value, want_grads), want_widths = run(model, args)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    if jax.default_backend() == "cpu":  # the side-by-side matmuls are there: q+k+v (and gate+up) wide
+      side = {32 + 16 + 16, 2 * 48} if model is text else {3 * 16}
+      assert side <= set(widths) and not side & set(want_widths), (widths, want_widths)
+  lora.apply(text, lora.LoRAConfig(rank=2, targets=("q_proj",)), rngs=nnx.Rngs(2))
+  assert not {32 + 16 + 16} & set(run(text, cases[0][1])[1])

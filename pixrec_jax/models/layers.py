@@ -140,6 +140,33 @@ class Linear(nnx.Module):
     return y
 
 
+def side_by_side(x: jax.Array, linears: Sequence[Linear]) -> list[jax.Array]:
+  """`[linear(x) for linear in linears]`; on CPU one matmul against their kernels side by side.
+
+  XLA:CPU runs one (B x T, D) x (D, F1 + F2 + ...) matmul, with its input and weight gradients, faster
+  than the same work as separate matmuls that each read x (the q/k/v and gate/up projections: the demo's
+  step 130.0 / 133.9 -> 127.3 / 128.7 ms, smolvlm_256m's 11.24 / 11.03 -> 10.76 / 10.94 s; BENCHMARKS.md,
+  "Projections side by side"). The same outputs: each column block of the product is its own kernel's.
+  Taken only where the linears can share a matmul: no LoRA adapter, one compute dtype, a bias on all or
+  none, and no tensor-parallel mesh (whose head axes shard the kernels' columns apart). GPUs keep the
+  separate matmuls their timings were measured with.
+  """
+  dtypes, biased = {l.dtype for l in linears}, {l.bias is not None for l in linears}
+  mesh = jax.sharding.get_abstract_mesh()
+  tensor_parallel = not mesh.empty and "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1
+  if (not _flat_matmuls() or tensor_parallel or len(dtypes) > 1 or len(biased) > 1
+      or any(l.lora is not None for l in linears)):
+    return [l(x) for l in linears]
+  dtype = dtypes.pop()
+  kernel = jnp.concatenate([l.kernel[...].astype(dtype) for l in linears], axis=1)
+  y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), kernel)
+  if biased.pop():
+    y = y + jnp.concatenate([l.bias[...].astype(dtype) for l in linears])
+  widths = [l.kernel.shape[1] for l in linears]
+  edges = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]
+  return jnp.split(y.reshape(x.shape[:-1] + (sum(widths),)), edges, axis=-1)
+
+
 class Embed(nnx.Module):
   """Token embedding table; `attend` reuses it as a tied output head.
 

@@ -37,9 +37,10 @@ class Attention(nnx.Module):
     cache_index, the queries attend over all S slots (as `mask` allows), and (out, cache) is returned.
     `causal`: the caller's word that `mask` is causal, which lets attention skip masked key blocks."""
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k, v = layers.side_by_side(x, (self.q_proj, self.k_proj, self.v_proj))
+    q = q.reshape(b, t, self.num_heads, self.head_dim)
+    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
     q = layers.apply_rope(q, positions, inv_freq)
     k = layers.apply_rope(k, positions, inv_freq)
     if cache is not None:
@@ -61,7 +62,8 @@ class MLP(nnx.Module):
     self.down_proj = layers.Linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    gate, up = layers.side_by_side(x, (self.gate_proj, self.up_proj))
+    return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nnx.Module):

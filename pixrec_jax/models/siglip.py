@@ -98,8 +98,8 @@ class VisionAttention(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     b, t, _ = x.shape
     split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
-    out = layers.attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask,
-                           self.head_dim**-0.5, self.implementation)
+    q, k, v = layers.side_by_side(x, (self.q_proj, self.k_proj, self.v_proj))
+    out = layers.attention(split(q), split(k), split(v), mask, self.head_dim**-0.5, self.implementation)
     return self.out_proj(out.reshape(b, t, -1))
 
 
