@@ -127,17 +127,20 @@ class Linear(nnx.Module):
     self.lora = nnx.data(None)  # a LoRA adapter, attached by pixrec_jax.models.lora.apply
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.kernel[...].astype(self.dtype)
-    if x.ndim > 2 and _flat_matmuls():
-      # (B, T, D) as (B x T, D): the weight gradient then contracts one axis, not two (see _flat_matmuls).
-      y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel).reshape(x.shape[:-1] + kernel.shape[1:])
-    else:
-      y = jnp.dot(x.astype(self.dtype), kernel)
+    y = _matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.lora is not None:
       y = y + self.lora(x, self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x @ kernel; on CPU a (B, T, D) x as (B x T, D), so the weight gradient contracts one axis, not two
+  (`_flat_matmuls`)."""
+  if x.ndim > 2 and _flat_matmuls():
+    return jnp.dot(x.reshape(-1, x.shape[-1]), kernel).reshape(x.shape[:-1] + kernel.shape[1:])
+  return jnp.dot(x, kernel)
 
 
 def side_by_side(x: jax.Array, linears: Sequence[Linear]) -> list[jax.Array]:
@@ -152,19 +155,16 @@ def side_by_side(x: jax.Array, linears: Sequence[Linear]) -> list[jax.Array]:
   separate matmuls their timings were measured with.
   """
   dtypes, biased = {l.dtype for l in linears}, {l.bias is not None for l in linears}
-  mesh = jax.sharding.get_abstract_mesh()
-  tensor_parallel = not mesh.empty and "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1
-  if (not _flat_matmuls() or tensor_parallel or len(dtypes) > 1 or len(biased) > 1
+  if (not _flat_matmuls() or _tensor_parallel() or len(dtypes) > 1 or len(biased) > 1
       or any(l.lora is not None for l in linears)):
     return [l(x) for l in linears]
   dtype = dtypes.pop()
-  kernel = jnp.concatenate([l.kernel[...].astype(dtype) for l in linears], axis=1)
-  y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), kernel)
+  y = _matmul(x.astype(dtype), jnp.concatenate([l.kernel[...].astype(dtype) for l in linears], axis=1))
   if biased.pop():
     y = y + jnp.concatenate([l.bias[...].astype(dtype) for l in linears])
   widths = [l.kernel.shape[1] for l in linears]
   edges = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]
-  return jnp.split(y.reshape(x.shape[:-1] + (sum(widths),)), edges, axis=-1)
+  return jnp.split(y, edges, axis=-1)
 
 
 class Embed(nnx.Module):
@@ -471,8 +471,13 @@ def _map_heads(groups: int, queries: int, keys: int) -> bool:
   would walk a sharded axis."""
   if groups != 1 or queries * keys < MAP_HEADS_MIN_LOGITS or jax.default_backend() != "cpu":
     return False
+  return not _tensor_parallel()
+
+
+def _tensor_parallel() -> bool:
+  """Whether the current mesh shards heads (a "tensor" axis of more than one device)."""
   mesh = jax.sharding.get_abstract_mesh()
-  return mesh.empty or "tensor" not in mesh.axis_names or mesh.shape["tensor"] == 1
+  return not mesh.empty and "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1
 
 
 def _flat_matmuls() -> bool:
