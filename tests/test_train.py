@@ -4,6 +4,7 @@ import json
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -70,6 +71,53 @@ def test_train_step_fits_a_fixed_batch(word_tokenizer, image_builder, small_spli
     losses.append(float(metrics["loss"]))
   assert int(state.step) == 25
   assert losses[-1] < 0.6 * losses[0], losses
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])  # below and above the clipping norm
+def test_clip_by_global_norm_is_optax_s_with_or_without_the_norm_given(scale):
+  grads = {"a": np.arange(6.0, dtype=np.float32).reshape(2, 3) * scale, "b": np.full(3, -scale, np.float32)}
+  ours, theirs = optim.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+  expected, _ = theirs.update(grads, theirs.init(grads))
+  for given in (None, optax.tree.norm(grads)):
+    got, state = ours.update(grads, ours.init(grads), grad_norm=given)
+    assert state == theirs.init(grads)  # the same (empty) state: checkpoints load either way
+    for key in grads:
+      np.testing.assert_array_equal(got[key], expected[key])
+  assert scale < 1 or not np.array_equal(expected["a"], grads["a"])  # the large case did clip
+
+
+def test_update_is_the_optimiser_step_and_skips_a_nonfinite_gradient(word_tokenizer):
+  trainer = _trainer(tiny_pixrec_fn(word_tokenizer, False), nnx.Param)
+  state = trainer.init_state()
+  leaves, treedef = jax.tree.flatten(state.params)
+  rng = np.random.default_rng(0)
+  grads = jax.tree.unflatten(treedef, [rng.standard_normal(x.shape).astype(np.float32) for x in leaves])
+  new, metrics = trainer._update(state, {"loss": np.float32(1.0)}, grads)
+  # What the optimiser does on its own (optax computing the norm itself, no cond).
+  updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
+  for got, want in zip(jax.tree.leaves((new.params, new.opt_state)),
+                       jax.tree.leaves((optax.apply_updates(state.params, updates), opt_state))):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  assert float(metrics["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-6)
+  assert int(new.nonfinite_steps) == 0 and int(new.step) == 1
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.params), leaves))
+
+  bad = jax.tree.unflatten(treedef, [np.full(x.shape, np.nan, np.float32) for x in leaves])
+  skipped, metrics = trainer._update(new, {"loss": np.float32(1.0)}, bad)
+  for got, want in zip(jax.tree.leaves((skipped.params, skipped.opt_state)), jax.tree.leaves((new.params, new.opt_state))):
+    np.testing.assert_array_equal(got, want)
+  assert int(skipped.nonfinite_steps) == 1 and int(skipped.first_nonfinite_step) == 2 and int(skipped.step) == 2
+
+
+def test_update_takes_an_optimiser_without_extra_arguments(word_tokenizer):
+  model_fn = tiny_pixrec_fn(word_tokenizer, False)
+  trainer = Trainer(model_fn, optax.sgd(0.1), nnx.Param, LossWeights(0.3, 0.4, 0.2),
+                    shd.make_mesh(devices=jax.devices()[:1]), None)
+  state = trainer.init_state()
+  grads = jax.tree.map(np.ones_like, state.params)
+  new, _ = trainer._update(state, {"loss": np.float32(1.0)}, grads)
+  for got, old in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+    np.testing.assert_allclose(got, np.asarray(old) - 0.1, rtol=1e-6, atol=1e-6)
 
 
 def _tiny_cfg(*options, steps=6):

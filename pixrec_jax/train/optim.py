@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -25,12 +27,32 @@ def _decays(path: tuple, _) -> bool:
   return path[-1] == "kernel"
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm (the same state, the same arithmetic) that takes the gradient's global norm
+  from the caller when given one (`update(..., grad_norm=...)`), instead of computing it again.
+
+  The trainer computes that norm anyway (its non-finite check and the logged grad_norm), and computes it
+  outside the `lax.cond` that applies the update (Trainer._update), where XLA could not share it with
+  optax's copy inside: a second pass over every gradient (smolvlm_256m: a gigabyte)."""
+  inner = optax.clip_by_global_norm(max_norm)
+
+  def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    if grad_norm is None:
+      grad_norm = optax.tree.norm(updates)
+    trigger = jnp.squeeze(grad_norm < max_norm)
+    clipped = lambda t: jax.lax.select(trigger, t, (t / grad_norm.astype(t.dtype)) * max_norm)
+    return jax.tree.map(clipped, updates), state
+
+  return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
 def optimizer(*, lr: float, steps: int, warmup_steps: int, weight_decay: float, clip_norm: float,
               b1: float = 0.9, b2: float = 0.999) -> tuple[optax.GradientTransformation, optax.Schedule]:
   sched = schedule(lr, steps, warmup_steps)
   parts = []
   if clip_norm and clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(clip_norm))
+    parts.append(clip_by_global_norm(clip_norm))
   parts.append(optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay,
                            mask=lambda params: nnx.map_state(_decays, params)))
   return optax.chain(*parts), sched

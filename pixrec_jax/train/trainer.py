@@ -73,6 +73,7 @@ class Trainer:
     if grad_accum_steps < 1:
       raise ValueError(f"train.grad_accum_steps must be >= 1, got {grad_accum_steps}")
     self.tx = tx
+    self._tx = optax.with_extra_args_support(tx)  # passes grad_norm to the transformations that take it
     self.weights = weights
     self.mesh = mesh
     self.schedule = schedule
@@ -243,14 +244,23 @@ class Trainer:
     return self._update(state, metrics, grads)
 
   def _update(self, state: TrainState, metrics: dict, grads: Any) -> tuple[TrainState, dict]:
-    """One optimiser update from the batch's gradients, unless the loss or the gradient is not finite."""
+    """One optimiser update from the batch's gradients, unless the loss or the gradient is not finite.
+
+    The update runs under a `lax.cond` on that check. Selecting between new and old values leaf by leaf
+    (jnp.where) made XLA:CPU copy every old moment before overwriting it in place (its new parameters read
+    the old moments) and compute the global norm twice: smolvlm_256m's update 763 -> 452 ms a step
+    (BENCHMARKS.md, "The optimiser update under a cond"). The gradient's norm is computed once, here, and
+    handed to the optimiser's clipping (`optim.clip_by_global_norm` takes it; other transformations ignore it).
+    """
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    keep_if_bad = lambda new, old: jnp.where(finite, new, old)
-    params = jax.tree.map(keep_if_bad, params, state.params)
-    opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
+
+    def apply(operands):
+      params, opt_state = operands
+      updates, opt_state = self._tx.update(grads, opt_state, params, grad_norm=grad_norm)
+      return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(finite, apply, lambda operands: operands, (state.params, state.opt_state))
     step = state.step + 1
     nonfinite = state.nonfinite_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
     first = jnp.where((state.first_nonfinite_step == 0) & ~finite, step, state.first_nonfinite_step)
