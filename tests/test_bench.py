@@ -22,6 +22,7 @@ def _bench_module(name):
 train_step = _bench_module("train_step")
 cpu_ops = _bench_module("cpu_ops")
 attention = _bench_module("attention")
+optimizer_update = _bench_module("optimizer_update")
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +169,11 @@ def test_packed_items_take_rows_too_and_leave_no_item_pass():
   shapes = flops.step_shapes(layout, 8, full_rows=together["pack_rows"], items_packed=True)
   count = flops.train_flops(bcfg, shapes, proj_dim=cfg.pixrec.proj_dim, text_only=True)
   assert count["decoder_item"] == 0 and together["tflop_per_step"] == round(count["total"] / 1e12, 4)
+
+
+def test_optimizer_update_bench_applies_every_update_it_times(capsys):
+  result = optimizer_update.main(["--config", "configs/demo.py", "--warmup", "1", "--rounds", "2", "--steps", "1",
+                                  "--config.model.text.num_hidden_layers=1", "--config.model.vision.num_hidden_layers=1"])
+  assert result["updates_applied"] == 3 and result["update_s"] > 0 and result["trainable_params"] > 10**5
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert json.loads(last) == result
