@@ -8,7 +8,8 @@ same trainer, parameters and settings bench/train_step.py builds. Run from anoth
 
   python bench/optimizer_update.py --config configs/smolvlm_256m.py --config.model.dtype=float32
 
-The last line is one JSON object: {"update_s", "cpu_s_per_update", "trainable_params", ...}.
+The last line is one JSON object: {"update_s", "cpu_s_per_update", "trainable_params", "updates_applied",
+...}; updates_applied counts the updates not skipped as non-finite (all of them: warmup + rounds x steps).
 """
 
 from __future__ import annotations
