@@ -72,8 +72,7 @@ class Trainer:
                grad_accum_steps: int = 1, freeze: Sequence[str] = (), seed: int = 0):
     if grad_accum_steps < 1:
       raise ValueError(f"train.grad_accum_steps must be >= 1, got {grad_accum_steps}")
-    self.tx = tx
-    self._tx = optax.with_extra_args_support(tx)  # passes grad_norm to the transformations that take it
+    self.tx = optax.with_extra_args_support(tx)  # passes grad_norm to the transformations that take it
     self.weights = weights
     self.mesh = mesh
     self.schedule = schedule
@@ -258,7 +257,7 @@ class Trainer:
 
     def apply(operands):
       params, opt_state = operands
-      updates, opt_state = self._tx.update(grads, opt_state, params, grad_norm=grad_norm)
+      updates, opt_state = self.tx.update(grads, opt_state, params, grad_norm=grad_norm)
       return optax.apply_updates(params, updates), opt_state
 
     params, opt_state = jax.lax.cond(finite, apply, lambda operands: operands, (state.params, state.opt_state))
