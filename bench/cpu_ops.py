@@ -19,6 +19,7 @@ The last line is one JSON object: {name: {"jax_ms", "torch_ms", "jax_over_torch"
   python bench/cpu_ops.py --vision 3,1024,12,64   # also smolvlm_256m's vision attention (3 tiles at 512 px)
   taskset -c 0 python bench/cpu_ops.py    # one core
   python bench/cpu_ops.py --dtype bfloat16   # both libraries in bfloat16
+  python bench/cpu_ops.py --vision 3,1024,12,64 --only vision --query-block 256   # that piece alone, other blocks
 """
 
 from __future__ import annotations
@@ -53,25 +54,26 @@ def _time(fn, rounds: int, iters: int, sync=lambda r: None) -> float:
 
 def _jax(fn, *args, dtype="float32"):
   f = jax.jit(fn, compiler_options=xla_options.compiler_options())  # as the train step compiles
-  args = [jnp.asarray(a, dtype if a.dtype == np.float32 else None) for a in args]
+  args = [a if a is None else jnp.asarray(a, dtype if a.dtype == np.float32 else None) for a in args]
   return lambda: f(*args)
 
 
 def _torch(fn, *args, grad=(), dtype="float32"):
   dtype = getattr(torch, dtype)
-  args = [torch.from_numpy(a).to(dtype if a.dtype == np.float32 else None).requires_grad_(i in grad)
+  args = [a if a is None else torch.from_numpy(a).to(dtype if a.dtype == np.float32 else None).requires_grad_(i in grad)
           for i, a in enumerate(args)]
   return lambda: fn(*args)
 
 
 def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, heads: int = 4, kv_heads: int = 2,
           head_dim: int = 32, causal_blocks: int = 4, vision: tuple[int, int, int, int] | None = None,
-          seed: int = 0, dtype: str = "float32") -> dict:
+          seed: int = 0, dtype: str = "float32", vision_padded: bool = True) -> dict:
   """{name: (ours, theirs)}: argument-free callables computing the same thing on the same inputs (drawn in
   float32, cast to `dtype` in both libraries).
 
   vision=(tiles, patches, heads, head_dim) adds a vision tower's bidirectional attention (every query head
-  its own key head; the last tile's trailing patches padding, as padded images are).
+  its own key head; with vision_padded the last tile's trailing patches padding, as padded images are; without,
+  no mask, as full-size tiles have none: smolvlm_256m's train step).
   """
   rng = np.random.default_rng(seed)
   normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
@@ -143,6 +145,7 @@ def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, he
     vq, vk, vv = (normal(tiles, patches, vheads, vdim) for _ in range(3))
     keys = np.ones((tiles, 1, 1, patches), bool)
     keys[-1, ..., patches - patches // 4:] = False
+    keys = keys if vision_padded else None
     pairs[f"vision attention {tiles} x {patches} patches"] = (
         jx(jax_attention(vdim**-0.5), vq, vk, vv, keys),
         pt(torch_attention(vdim**-0.5), vq, vk, vv, keys, grad=(0, 1, 2)))
@@ -164,13 +167,26 @@ def main(argv=None) -> dict:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="the inputs' dtype in both libraries (bfloat16: PyTorch's oneDNN kernels, AMX where the "
                       "CPU has it; XLA's CPU backend)")
+  parser.add_argument("--vision-mask", default="padded", choices=("padded", "none"),
+                      help="padded: the last tile's trailing quarter of patches masked out; none: full-size tiles, "
+                      "no mask (smolvlm_256m's CPU rows)")
+  parser.add_argument("--only", default="", help="time only the pieces whose name contains this (e.g. vision)")
+  parser.add_argument("--query-block", type=int, default=layers.HEAD_QUERY_BLOCK,
+                      help="the vision attention's queries a block, about, at most (layers.HEAD_QUERY_BLOCK)")
+  parser.add_argument("--block-rows", type=int, default=layers.HEAD_BLOCK_ROWS,
+                      help="and its tiles x queries a block, about (layers.HEAD_BLOCK_ROWS)")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--iters", type=int, default=10)
   args = parser.parse_args(argv)
   jax.config.update("jax_platforms", "cpu")
+  layers.HEAD_QUERY_BLOCK, layers.HEAD_BLOCK_ROWS = args.query_block, args.block_rows
   b, t, d, f, n, kv, h = args.batch, args.seq, args.hidden, args.ffn, args.heads, args.kv_heads, args.head_dim
   vision = tuple(int(x) for x in args.vision.split(",")) if args.vision else None
-  pairs = cases(b, t, d, f, n, kv, h, args.causal_blocks, vision, dtype=args.dtype)
+  pairs = cases(b, t, d, f, n, kv, h, args.causal_blocks, vision, dtype=args.dtype,
+                vision_padded=args.vision_mask == "padded")
+  pairs = {name: pair for name, pair in pairs.items() if args.only in name}
+  if not pairs:
+    parser.error(f"--only {args.only!r} names none of the pieces")
   sync = jax.block_until_ready
   print(f"{b} x {t} tokens, hidden {d}, MLP {f}, {n} heads ({kv} KV) of {h}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; jax {jax.__version__}; {args.dtype}")

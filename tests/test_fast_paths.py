@@ -97,6 +97,18 @@ def test_causal_blocks_skip_the_masked_logits():
   assert logits_elements(4) == logits_elements(1) * 10 // 16
 
 
+def test_vision_query_blocks_shrink_with_more_tiles():
+  """Blocks of about 512 queries, shorter where the tiles would make a block more than about 1536 rows
+  (tiles x queries); the blocks split the queries evenly and cover them all."""
+  assert layers._query_edges(1, 1024) == [0, 512, 1024]
+  assert layers._query_edges(3, 1024) == [0, 512, 1024]  # smolvlm_256m's CPU rows: 3 tiles at 512 px
+  assert layers._query_edges(6, 1024) == [0, 256, 512, 768, 1024]
+  assert layers._query_edges(2, 100) == [0, 100]
+  for batch, t in ((1, 729), (4, 1024), (16, 576)):
+    edges = layers._query_edges(batch, t)
+    assert edges[0] == 0 and edges[-1] == t and all(0 < b - a < 768 for a, b in zip(edges, edges[1:]))
+
+
 def test_cpu_attention_maps_over_heads_for_large_vision_logits(monkeypatch):
   """Without grouped queries and with at least 512 x 512 logits a head, CPU attention maps over the heads
   in blocks of queries with its backward pass written out (layers._head_by_head); outputs and gradients
@@ -108,7 +120,8 @@ def test_cpu_attention_maps_over_heads_for_large_vision_logits(monkeypatch):
   masks = {"keys": keys[:, None, None, :], "full": jax.random.bernoulli(jax.random.key(4), 0.7, (b, 1, t, t)) |
            jnp.eye(t, dtype=bool)[None, None], "none": None,
            "no key": (keys & jnp.asarray([[True], [False]]))[:, None, None, :]}
-  assert layers._query_edges(t) == [0, 256, 512]  # two blocks of queries
+  monkeypatch.setattr(layers, "HEAD_QUERY_BLOCK", 256)
+  assert layers._query_edges(b, t) == [0, 256, 512]  # two blocks of queries
 
   def loss(q, k, v, mask, softcap):
     out = layers.attention(q, k, v, mask, 0.3, softcap=softcap)

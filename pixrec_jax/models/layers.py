@@ -355,11 +355,18 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
   return out.reshape(b, kv_heads, groups, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-HEAD_QUERY_BLOCK = 256  # queries a block in `_head_by_head` (about; the blocks split T evenly)
+HEAD_QUERY_BLOCK = 512  # queries a block in `_head_by_head`, about, at most (the blocks split T evenly)
+HEAD_BLOCK_ROWS = 1536  # and (tiles x queries) a block, about: more tiles, shorter blocks
 
 
-def _query_edges(t: int) -> list[int]:
-  n = max(1, round(t / HEAD_QUERY_BLOCK))
+def _query_edges(batch: int, t: int) -> list[int]:
+  """The query blocks of `_head_by_head` for `batch` examples (tiles) of `t` queries: blocks of about
+  HEAD_QUERY_BLOCK queries, shorter where the batch would make a block's logits more than about
+  HEAD_BLOCK_ROWS rows. SigLIP at 512 px, forward and backward (`bench/cpu_ops.py --vision B,1024,12,64
+  --vision-mask none --only vision`): 1 tile 15% faster in 2 blocks than in the 4 of 256 queries before, 3
+  tiles (smolvlm_256m's CPU rows) level in 2, 6 tiles kept at 4 (BENCHMARKS.md, "The gradient's norm in
+  halves, and the clip as one factor")."""
+  n = max(1, round(t / HEAD_QUERY_BLOCK), round(batch * t / HEAD_BLOCK_ROWS))
   return [t * i // n for i in range(n + 1)]
 
 
@@ -367,12 +374,12 @@ def _query_edges(t: int) -> list[int]:
 def _head_by_head(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
                   softcap: float | None) -> jax.Array:
   """Attention without grouped queries, one head at a time (a `lax.map`), each head's queries in blocks of
-  about HEAD_QUERY_BLOCK: the CPU form of large vision-tower attention (`_map_heads`).
+  about HEAD_QUERY_BLOCK (`_query_edges`): the CPU form of large vision-tower attention (`_map_heads`).
 
   q: (N, B, T, H); k, v: (N, B, S, H); mask: (B, T or 1, S) or None. The result is `attend`'s (the
   softmax over float32 logits, an average of the values for a query row with no key). XLA:CPU writes each
   op's whole output before the next reads it, so a head's (B, T, S) logits make every softmax pass a trip
-  to memory (SigLIP at 512 px: 12 MB a head for 3 tiles); a block of queries keeps them a quarter of that.
+  to memory (SigLIP at 512 px: 12 MB a head for 3 tiles); a block of queries keeps them a fraction of that.
   The backward pass is flash attention's: it recomputes a block's probabilities from the logits and the
   forward's row maxima and sums (nothing (T, S) is stored), then one matmul each for the values', the
   probabilities', the queries' and the keys' gradients. Autodiff of the forward would run its values
@@ -405,7 +412,7 @@ def _head_forward(q, k, v, mask, scale, softcap):
   """One head: the output (B, T, H) and each query's row maximum and row sum of exp(logits - max), (B, T, 1)."""
   values = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)  # [values | 1], as `attend`
   outs, tops, sums = [], [], []
-  edges = _query_edges(q.shape[1])
+  edges = _query_edges(*q.shape[:2])
   for start, end in zip(edges[:-1], edges[1:]):
     logits, _ = _head_logits(q[:, start:end], k, _block_mask(mask, start, end), scale, softcap)
     top = _row_max(logits)
@@ -420,7 +427,7 @@ def _head_forward(q, k, v, mask, scale, softcap):
 def _head_backward(q, k, v, mask, out, top, total, dout, scale, softcap):
   """One head's (dq, dk, dv) from its inputs, output, row maxima and sums, and the output's cotangent."""
   dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-  edges = _query_edges(q.shape[1])
+  edges = _query_edges(*q.shape[:2])
   for start, end in zip(edges[:-1], edges[1:]):
     qb, dob = q[:, start:end], dout[:, start:end]
     block_mask = _block_mask(mask, start, end)
