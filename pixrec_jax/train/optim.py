@@ -27,9 +27,35 @@ def _decays(path: tuple, _) -> bool:
   return path[-1] == "kernel"
 
 
+def global_norm(tree) -> jax.Array:
+  """The global L2 norm of a tree of arrays, as optax.tree.norm (float32; equal to rounding).
+
+  On CPU each leaf's sum of squares runs as halves added elementwise, in rows of 128, until at most 8 rows
+  remain, then one short sum: XLA:CPU (under our compiler options, `pixrec_jax/xla_options.py`) writes
+  the squares to memory and reduces them in windows of 32 far below memory speed, where the halves are
+  elementwise passes that read each gradient once (BENCHMARKS.md, "The gradient's norm in halves, and the
+  clip as one factor"). Other platforms take optax's form."""
+  if jax.default_backend() != "cpu":
+    return optax.tree.norm(tree)
+  return jnp.sqrt(sum((_sum_of_squares(x) for x in jax.tree.leaves(tree)), jnp.float32(0)))
+
+
+def _sum_of_squares(x: jax.Array) -> jax.Array:
+  x = jnp.ravel(x).astype(jnp.float32)
+  x = x * x
+  if x.size % 128 == 0:
+    x = x.reshape(-1, 128)
+  n = x.shape[0]
+  while n > 8 and n % 2 == 0:
+    n //= 2
+    x = x[:n] + x[n:]
+  return jnp.sum(x)
+
+
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
-  """optax.clip_by_global_norm (the same state, the same arithmetic) that takes the gradient's global norm
-  from the caller when given one (`update(..., grad_norm=...)`), instead of computing it again.
+  """optax.clip_by_global_norm (the same state; the same result, to a rounding where it clips) that takes
+  the gradient's global norm from the caller when given one (`update(..., grad_norm=...)`), instead of
+  computing it again.
 
   The trainer computes that norm anyway (its non-finite check and the logged grad_norm), and computes it
   outside the `lax.cond` that applies the update (Trainer._update), where XLA could not share it with
@@ -39,10 +65,15 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
   def update(updates, state, params=None, *, grad_norm=None, **extra_args):
     del params, extra_args
     if grad_norm is None:
-      grad_norm = optax.tree.norm(updates)
-    trigger = jnp.squeeze(grad_norm < max_norm)
-    clipped = lambda t: jax.lax.select(trigger, t, (t / grad_norm.astype(t.dtype)) * max_norm)
-    return jax.tree.map(clipped, updates), state
+      grad_norm = global_norm(updates)
+    # One scalar factor (1 below the threshold: the gradient unchanged, bit for bit), and a multiply by it,
+    # which XLA fuses into each of the optimiser's passes over the gradient. optax's per-element division,
+    # (t / norm) * max_norm, is an expensive op to XLA, which then writes the whole clipped gradient and
+    # reads it back: smolvlm_256m's update 536 / 528 -> 453 / 456 ms on the CPU (BENCHMARKS.md, "The
+    # gradient's norm in halves, and the clip as one factor"). Above the threshold the result is optax's
+    # to a rounding.
+    factor = jnp.where(jnp.squeeze(grad_norm < max_norm), 1.0, max_norm / jnp.squeeze(grad_norm))
+    return jax.tree.map(lambda t: t * factor.astype(t.dtype), updates), state
 
   return optax.GradientTransformationExtraArgs(inner.init, update)
 

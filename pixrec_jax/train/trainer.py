@@ -249,10 +249,10 @@ class Trainer:
     (jnp.where) made XLA:CPU copy every old moment before overwriting it in place (its new parameters read
     the old moments) and compute the global norm twice: smolvlm_256m's update 809 -> 557 ms on the CPU
     (`bench/optimizer_update.py`; BENCHMARKS.md, "The optimiser update under a cond"). The gradient's norm
-    is computed once, here, and handed to the optimiser's clipping (`optim.clip_by_global_norm` takes it;
-    other transformations ignore it).
+    is computed once, here (`optim.global_norm`: in halves on the CPU), and handed to the optimiser's
+    clipping (`optim.clip_by_global_norm` takes it; other transformations ignore it).
     """
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = optim.global_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
     def apply(operands):
