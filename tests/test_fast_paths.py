@@ -208,11 +208,16 @@ def _largest_fusion(layers_count: int, monkeypatch, barrier: bool = True) -> int
   return max(len(body.splitlines()) for body in re.findall(r"\n%fused_computation\S* .*?\{\n(.*?)\n\}", text, re.S))
 
 
-def test_vision_residual_gradients_are_written_once_a_layer_on_cpu(monkeypatch):
+@pytest.mark.parametrize("halves", [True, False])
+def test_vision_residual_gradients_are_written_once_a_layer_on_cpu(monkeypatch, halves):
   """Without layers.residual_barrier XLA:CPU fuses the residual-gradient chain of every layer above into each
-  layer's fusions (the largest fusion grows with depth); with it the largest fusion is the same at any depth."""
+  layer's fusions (the largest fusion grows with depth) where LayerNorm's backward is autodiff's (the plain
+  sums of a mesh: `layers._halved_sums` False); with it the largest fusion is the same at any depth, with
+  either LayerNorm."""
+  monkeypatch.setattr(layers, "_halved_sums", lambda: halves)
   assert _largest_fusion(8, monkeypatch) == _largest_fusion(2, monkeypatch)
-  assert _largest_fusion(8, monkeypatch, barrier=False) > 2 * _largest_fusion(2, monkeypatch, barrier=False)
+  if not halves:
+    assert _largest_fusion(8, monkeypatch, barrier=False) > 2 * _largest_fusion(2, monkeypatch, barrier=False)
 
 
 def test_residual_barrier_is_the_identity_forward_and_backward():
@@ -343,3 +348,55 @@ def test_projections_side_by_side_are_the_separate_ones(monkeypatch):
       assert side <= set(widths) and not side & set(want_widths), (widths, want_widths)
   lora.apply(text, lora.LoRAConfig(rank=2, targets=("q_proj",)), rngs=nnx.Rngs(2))
   assert not {32 + 16 + 16} & set(run(text, cases[0][1])[1])
+
+
+def _grads_both_ways(monkeypatch, fn, *args):
+  """(value, grads) of fn on CPU with sums in halves (`layers._halved_sums`) and with plain reductions."""
+  results = []
+  for halves in (True, False):
+    monkeypatch.setattr(layers, "_halved_sums", lambda halves=halves: halves)
+    results.append(jax.jit(jax.value_and_grad(fn, argnums=tuple(range(len(args)))))(*args))
+  return results
+
+
+def test_layer_norm_and_bias_sums_in_halves_match_the_plain_form(monkeypatch):
+  """On one CPU device LayerNorm (its backward written out) and the linear layers' bias take their sums as
+  halves; values and every gradient are the plain form's to rounding, in float32 and bfloat16 inputs, for
+  token counts that halve evenly (3 x 1024) and ones that do not (5 x 7)."""
+  assert layers._halved_sums()  # the tests' CPU, no mesh
+  rng = np.random.default_rng(0)
+  for shape in ((3, 1024, 96), (5, 7, 40)):
+    d = shape[-1]
+    x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.float32)
+    g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    ln = layers.LayerNorm(d, 1e-6, rngs=nnx.Rngs(0))
+    ln.weight[...], ln.bias[...] = (jnp.asarray(rng.standard_normal(d), jnp.float32) for _ in range(2))
+    graphdef, params = nnx.split(ln)
+    norm = lambda x, params, graphdef=graphdef, g=g: jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32) * g)
+    for dtype, tol in ((jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)):
+      (va, ga), (vb, gb) = _grads_both_ways(monkeypatch, norm, x.astype(dtype), params)
+      np.testing.assert_allclose(va, vb, rtol=tol)
+      for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        assert u.dtype == v.dtype
+        np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32), rtol=tol,
+                                   atol=tol * float(jnp.max(jnp.abs(v.astype(jnp.float32)))))
+    linear = layers.Linear(d, 24, axes=(None, None), use_bias=True, rngs=nnx.Rngs(1))
+    linear.bias[...] = jnp.asarray(rng.standard_normal(24), jnp.float32)
+    graphdef, params = nnx.split(linear)
+    dense = lambda x, params, graphdef=graphdef: jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x)))
+    (va, ga), (vb, gb) = _grads_both_ways(monkeypatch, dense, x, params)
+    np.testing.assert_allclose(va, vb, rtol=1e-5)
+    for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+      np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4)
+
+
+def test_sums_in_halves_only_on_one_cpu_device():
+  """A mesh of several devices shards the tokens, which halves would slice across devices: plain sums."""
+  assert layers._halved_sums()
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    assert layers._halved_sums()
+  if len(jax.devices()) > 1:
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    with jax.set_mesh(mesh):
+      assert not layers._halved_sums()

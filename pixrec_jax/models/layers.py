@@ -131,8 +131,62 @@ class Linear(nnx.Module):
     if self.lora is not None:
       y = y + self.lora(x, self.dtype)
     if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
+      y = add_bias(y, self.bias[...].astype(self.dtype))
     return y
+
+
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """y + bias (bias over the last axis); on one CPU device the bias's gradient, a sum over every token,
+  runs as `token_sum`'s halves instead of XLA:CPU's windowed reduction (`_halved_sums`)."""
+  return _add_bias(y, bias) if _halved_sums() else y + bias
+
+
+@jax.custom_vjp
+def _add_bias(y, bias):
+  return y + bias
+
+
+def _add_bias_fwd(y, bias):
+  return y + bias, None
+
+
+def _add_bias_bwd(_, g):
+  return g, token_sum(g).astype(g.dtype)
+
+
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+def token_sum(x: jax.Array) -> jax.Array:
+  """The float32 sum of x over every axis but the last, as halves of the tokens added elementwise until
+  at most 8 rows remain, then one short sum (the same value to rounding as jnp.sum)."""
+  x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  n = x.shape[0]
+  while n > 8 and n % 2 == 0:
+    n //= 2
+    x = x[:n] + x[n:]
+  return jnp.sum(x, axis=0)
+
+
+def _row_sum(x: jax.Array) -> jax.Array:
+  """sum over the last axis (kept, size 1), as elementwise sums of its halves until at most 16 remain
+  (`_row_max`'s form for a sum: the same value to rounding)."""
+  n = x.shape[-1]
+  while n > 16 and n % 2 == 0:
+    n //= 2
+    x = x[..., :n] + x[..., n:]
+  return jnp.sum(x, axis=-1, keepdims=True)
+
+
+def _halved_sums() -> bool:
+  """Whether norms and biases take their sums over features and over tokens as halves (`token_sum`,
+  `_row_sum`): on CPU, where XLA splits such reductions into windows of 32 that run far below memory speed
+  (BENCHMARKS.md, "Sums in halves"), and on one device: a mesh shards the tokens, which halves would
+  slice across devices. GPUs keep plain reductions."""
+  if jax.default_backend() != "cpu":
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or mesh.size == 1
 
 
 def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -161,7 +215,7 @@ def side_by_side(x: jax.Array, linears: Sequence[Linear]) -> list[jax.Array]:
   dtype = dtypes.pop()
   y = _matmul(x.astype(dtype), jnp.concatenate([l.kernel[...].astype(dtype) for l in linears], axis=1))
   if biased.pop():
-    y = y + jnp.concatenate([l.bias[...].astype(dtype) for l in linears])
+    y = add_bias(y, jnp.concatenate([l.bias[...].astype(dtype) for l in linears]))
   widths = [l.kernel.shape[1] for l in linears]
   edges = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]
   return jnp.split(y, edges, axis=-1)
@@ -235,10 +289,41 @@ class LayerNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = x.dtype
     x32 = x.astype(jnp.float32)
+    weight, bias = self.weight[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
+    if _halved_sums():
+      return _layer_norm(x32, weight, bias, self.eps).astype(dtype)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
+    return (y * weight + bias).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x, weight, bias, eps):
+  """LayerNorm of float32 x with its backward pass written out, every sum as halves (`_row_sum` over the
+  features, `token_sum` over the tokens for the weight's and the bias's gradients): the CPU form
+  (`_halved_sums`). The values and gradients of the plain form, to rounding."""
+  return _layer_norm_fwd(x, weight, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, weight, bias, eps):
+  d = x.shape[-1]
+  centred = x - _row_sum(x) / d
+  rstd = jax.lax.rsqrt(_row_sum(centred * centred) / d + eps)
+  y = centred * rstd
+  return y * weight + bias, (y, rstd, weight)
+
+
+def _layer_norm_bwd(eps, residuals, g):
+  del eps
+  y, rstd, weight = residuals
+  d = y.shape[-1]
+  gy = g * weight
+  dx = rstd * (gy - _row_sum(gy) / d - y * (_row_sum(gy * y) / d))
+  return dx, token_sum(g * y), token_sum(g)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def causal_block_edges(length: int, blocks: int) -> list[int]:
