@@ -119,7 +119,7 @@ def test_global_norm_is_optax_s_and_reads_each_leaf_once_on_cpu():
 def test_clip_fuses_into_the_optimiser_passes():
   """The clip is one scalar factor that XLA fuses into AdamW's passes over the gradient: the compiled update
   writes the two moments and the parameter, not a clipped copy of the gradient first (optax's per-element
-  division made XLA write that copy: smolvlm_256m's update 533 -> 455 ms on the CPU, BENCHMARKS.md)."""
+  division made XLA write that copy: smolvlm_256m's update 536 / 528 -> 453 / 456 ms on the CPU, BENCHMARKS.md)."""
   tx = optax.chain(optim.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.1))
   tx = optax.with_extra_args_support(tx)
   params = {"w": jnp.ones((64, 48), jnp.float32)}

@@ -180,9 +180,9 @@ def _row_sum(x: jax.Array) -> jax.Array:
 
 def _halved_sums() -> bool:
   """Whether norms and biases take their sums over features and over tokens as halves (`token_sum`,
-  `_row_sum`): on CPU, where XLA splits such reductions into windows of 32 that run far below memory speed
-  (BENCHMARKS.md, "Sums in halves"), and on one device: a mesh shards the tokens, which halves would
-  slice across devices. GPUs keep plain reductions."""
+  `_row_sum`): on CPU, where XLA splits such reductions into windows of 32 that run far below memory
+  speed (BENCHMARKS.md, "Sums in halves on the CPU"), and on one device: a mesh shards the tokens, which
+  halves would slice across devices. GPUs keep plain reductions."""
   if jax.default_backend() != "cpu":
     return False
   mesh = jax.sharding.get_abstract_mesh()
@@ -449,8 +449,8 @@ def _query_edges(batch: int, t: int) -> list[int]:
   HEAD_QUERY_BLOCK queries, shorter where the batch would make a block's logits more than about
   HEAD_BLOCK_ROWS rows. SigLIP at 512 px, forward and backward (`bench/cpu_ops.py --vision B,1024,12,64
   --vision-mask none --only vision`): 1 tile 15% faster in 2 blocks than in the 4 of 256 queries before, 3
-  tiles (smolvlm_256m's CPU rows) level in 2, 6 tiles kept at 4 (BENCHMARKS.md, "The gradient's norm in
-  halves, and the clip as one factor")."""
+  tiles (smolvlm_256m's CPU rows) level in 2, 6 tiles kept at 4 (BENCHMARKS.md, "Vision attention in
+  blocks of 512 queries")."""
   n = max(1, round(t / HEAD_QUERY_BLOCK), round(batch * t / HEAD_BLOCK_ROWS))
   return [t * i // n for i in range(n + 1)]
 

@@ -33,8 +33,8 @@ def global_norm(tree) -> jax.Array:
   On CPU each leaf's sum of squares runs as halves added elementwise, in rows of 128, until at most 8 rows
   remain, then one short sum: XLA:CPU (under our compiler options, `pixrec_jax/xla_options.py`) writes
   the squares to memory and reduces them in windows of 32 far below memory speed, where the halves are
-  elementwise passes that read each gradient once (BENCHMARKS.md, "The gradient's norm in halves, and the
-  clip as one factor"). Other platforms take optax's form."""
+  elementwise passes that read each gradient once (BENCHMARKS.md, "Sums in halves on the CPU"). Other
+  platforms take optax's form."""
   if jax.default_backend() != "cpu":
     return optax.tree.norm(tree)
   return jnp.sqrt(sum((_sum_of_squares(x) for x in jax.tree.leaves(tree)), jnp.float32(0)))
@@ -69,9 +69,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     # One scalar factor (1 below the threshold: the gradient unchanged, bit for bit), and a multiply by it,
     # which XLA fuses into each of the optimiser's passes over the gradient. optax's per-element division,
     # (t / norm) * max_norm, is an expensive op to XLA, which then writes the whole clipped gradient and
-    # reads it back: smolvlm_256m's update 536 / 528 -> 453 / 456 ms on the CPU (BENCHMARKS.md, "The
-    # gradient's norm in halves, and the clip as one factor"). Above the threshold the result is optax's
-    # to a rounding.
+    # reads it back: smolvlm_256m's update 536 / 528 -> 453 / 456 ms on the CPU (BENCHMARKS.md, "Sums in
+    # halves on the CPU"). Above the threshold the result is optax's to a rounding.
     factor = jnp.where(jnp.squeeze(grad_norm < max_norm), 1.0, max_norm / jnp.squeeze(grad_norm))
     return jax.tree.map(lambda t: t * factor.astype(t.dtype), updates), state
 
