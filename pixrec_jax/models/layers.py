@@ -157,25 +157,29 @@ def _add_bias_bwd(_, g):
 _add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
+def fold_halves(x: jax.Array, axis: int, keep: int, combine: Callable) -> jax.Array:
+  """x with `axis` folded onto itself: combine(first half, second half), elementwise, while more than
+  `keep` remain and the length is even. XLA:CPU runs the folds as elementwise fusions where it splits a
+  long reduction into slow windowed ones (`_row_max`, `_row_sum`, `token_sum`, optim.global_norm)."""
+  axis = axis % x.ndim
+  n = x.shape[axis]
+  while n > keep and n % 2 == 0:
+    n //= 2
+    x = combine(jax.lax.slice_in_dim(x, 0, n, axis=axis), jax.lax.slice_in_dim(x, n, 2 * n, axis=axis))
+  return x
+
+
 def token_sum(x: jax.Array) -> jax.Array:
   """The float32 sum of x over every axis but the last, as halves of the tokens added elementwise until
   at most 8 rows remain, then one short sum (the same value to rounding as jnp.sum)."""
   x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-  n = x.shape[0]
-  while n > 8 and n % 2 == 0:
-    n //= 2
-    x = x[:n] + x[n:]
-  return jnp.sum(x, axis=0)
+  return jnp.sum(fold_halves(x, 0, 8, jnp.add), axis=0)
 
 
 def _row_sum(x: jax.Array) -> jax.Array:
   """sum over the last axis (kept, size 1), as elementwise sums of its halves until at most 16 remain
   (`_row_max`'s form for a sum: the same value to rounding)."""
-  n = x.shape[-1]
-  while n > 16 and n % 2 == 0:
-    n //= 2
-    x = x[..., :n] + x[..., n:]
-  return jnp.sum(x, axis=-1, keepdims=True)
+  return jnp.sum(fold_halves(x, -1, 16, jnp.add), axis=-1, keepdims=True)
 
 
 def _halved_sums() -> bool:
@@ -589,11 +593,7 @@ def _row_max(x: jax.Array) -> jax.Array:
   rewriter) and runs those at a fraction of memory speed; the halves are one elementwise fusion. The same
   values (max is exact in any order); the demo's step 129.5 / 133.2 -> 125.7 / 126.8 ms (BENCHMARKS.md,
   "The softmax's row maxima on the CPU")."""
-  n = x.shape[-1]
-  while n > 16 and n % 2 == 0:
-    n //= 2
-    x = jnp.maximum(x[..., :n], x[..., n:])
-  return jnp.max(x, axis=-1, keepdims=True)
+  return jnp.max(fold_halves(x, -1, 16, jnp.maximum), axis=-1, keepdims=True)
 
 
 def _late_sum() -> bool:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pixrec_jax.models import layers
 from pixrec_jax.models import lora as lora_lib
 from pixrec_jax.models.lora import LoRAParam
 
@@ -43,13 +44,7 @@ def global_norm(tree) -> jax.Array:
 def _sum_of_squares(x: jax.Array) -> jax.Array:
   x = jnp.ravel(x).astype(jnp.float32)
   x = x * x
-  if x.size % 128 == 0:
-    x = x.reshape(-1, 128)
-  n = x.shape[0]
-  while n > 8 and n % 2 == 0:
-    n //= 2
-    x = x[:n] + x[n:]
-  return jnp.sum(x)
+  return jnp.sum(layers.fold_halves(x.reshape(-1, 128) if x.size % 128 == 0 else x, 0, 8, jnp.add))
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
