@@ -8,7 +8,9 @@ grouped-query attention's forward and backward (ours: pixrec_jax.models.layers.a
 the einsum form XLA compiles; PyTorch's: scaled_dot_product_attention, the fused
 kernel transformers' sdpa models call), and the rotary embedding's forward and
 backward on the queries (ours: layers.apply_rope; PyTorch's: transformers' rotate_half
-form under autograd). Float32 (--dtype bfloat16: both in bfloat16). Each figure is the median of
+form under autograd); with --vision, also a vision tower's attention and its MLP
+(SigLIP's: width -> 4 x width -> width, tanh GELU, biases; theirs transformers'
+SiglipMLP form). Float32 (--dtype bfloat16: both in bfloat16). Each figure is the median of
 --rounds rounds of --iters calls after a warm-up call; JAX results are synced
 once per round. Threads: both libraries use every core the process may run on;
 pin with `taskset -c 0` for one.
@@ -16,7 +18,7 @@ pin with `taskset -c 0` for one.
 The last line is one JSON object: {name: {"jax_ms", "torch_ms", "jax_over_torch"}}.
 
   python bench/cpu_ops.py                 # the demo decoder's shapes (batch 32 x 184 tokens)
-  python bench/cpu_ops.py --vision 3,1024,12,64   # also smolvlm_256m's vision attention (3 tiles at 512 px)
+  python bench/cpu_ops.py --vision 3,1024,12,64   # also smolvlm_256m's vision attention and MLP (3 tiles, 512 px)
   taskset -c 0 python bench/cpu_ops.py    # one core
   python bench/cpu_ops.py --dtype bfloat16   # both libraries in bfloat16
   python bench/cpu_ops.py --vision 3,1024,12,64 --only vision --query-block 256   # that piece alone, other blocks
@@ -149,7 +151,29 @@ def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, he
     pairs[f"vision attention {tiles} x {patches} patches"] = (
         jx(jax_attention(vdim**-0.5), vq, vk, vv, keys),
         pt(torch_attention(vdim**-0.5), vq, vk, vv, keys, grad=(0, 1, 2)))
+    width = vheads * vdim  # SigLIP's MLP: width -> 4 x width -> width, tanh GELU, biases
+    vx, vdy = normal(tiles * patches, width), normal(tiles * patches, width)
+    fc1, fc2 = normal(width, 4 * width) * 0.03, normal(4 * width, width) * 0.03
+    b1, b2 = normal(4 * width) * 0.03, normal(width) * 0.03
+    pairs[f"vision MLP {tiles} x {patches} patches"] = (
+        jx(jax_vision_mlp, vx, fc1, b1, fc2, b2, vdy), pt(torch_vision_mlp, vx, fc1, b1, fc2, b2, vdy, grad=range(5)))
   return pairs
+
+
+def jax_vision_mlp(x, fc1, b1, fc2, b2, dy):
+  """Ours: the gradients of sum(mlp(x) * dy) for SigLIP's MLP as siglip.VisionMLP computes it."""
+  gelu = layers.activation("gelu_pytorch_tanh")
+  def loss(params, x):
+    fc1, b1, fc2, b2 = params
+    return jnp.sum(layers.add_bias(gelu(layers.add_bias(x @ fc1, b1)) @ fc2, b2) * dy)
+  params, dx = jax.grad(loss, argnums=(0, 1))((fc1, b1, fc2, b2), x)
+  return (*params, dx)
+
+
+def torch_vision_mlp(x, fc1, b1, fc2, b2, dy):
+  """PyTorch's: transformers' SiglipMLP under autograd."""
+  y = torch.nn.functional.linear(torch.nn.functional.gelu(x @ fc1 + b1, approximate="tanh"), fc2.T, b2)
+  return torch.autograd.grad((y * dy).sum(), [fc1, b1, fc2, b2, x])
 
 
 def main(argv=None) -> dict:
@@ -163,7 +187,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--head-dim", type=int, default=32)
   parser.add_argument("--causal-blocks", type=int, default=4, help="as model.causal_blocks (ours only)")
   parser.add_argument("--vision", default="", help="TILES,PATCHES,HEADS,HEAD_DIM: also a vision tower's attention "
-                      "(SigLIP at 512 px as smolvlm_256m trains it: 3,1024,12,64)")
+                      "and MLP (SigLIP at 512 px as smolvlm_256m trains it: 3,1024,12,64)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="the inputs' dtype in both libraries (bfloat16: PyTorch's oneDNN kernels, AMX where the "
                       "CPU has it; XLA's CPU backend)")

@@ -25,6 +25,7 @@ import contextlib
 import json
 import pathlib
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -135,6 +136,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
   parser.add_argument("--batch", type=int, default=0, help="run the reference on the spec batch's first N rows "
                       "(0: all of them; a batch that does not fit is halved until it does either way)")
+  parser.add_argument("--serve", action="store_true", help="after the warm-up, print a JSON line with \"ready\", "
+                      "then run a round of the spec's steps for each line \"round\" read from stdin (a JSON line "
+                      "with \"round_s\" after each), and report on end of input (bench/train_step.py --interleave)")
   args = parser.parse_args(argv)
   spec_dir = pathlib.Path(args.spec)
   if not (spec_dir / "spec.json").is_file():
@@ -198,13 +202,27 @@ def main(argv=None) -> dict:
       torch.cuda.empty_cache()
   warm = time.perf_counter() - start
   times, cpu = [], []
-  for _ in range(spec["rounds"]):
+
+  def timed_round():
     start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(spec["steps"]):
       step()
     sync()
     times.append((time.perf_counter() - start) / spec["steps"])
     cpu.append((time.process_time() - start_cpu) / spec["steps"])
+
+  if args.serve:
+    print(json.dumps({"ready": True, "torch_warmup_s": round(warm, 1)}), flush=True)
+    for line in sys.stdin:
+      if line.strip() != "round":
+        raise SystemExit(f"--serve: expected the line 'round' on stdin, got {line.strip()!r}")
+      timed_round()
+      print(json.dumps({"round_s": times[-1], "cpu_s": cpu[-1]}), flush=True)
+    if not times:
+      raise SystemExit("--serve: stdin ended before any 'round'")
+  else:
+    for _ in range(spec["rounds"]):
+      timed_round()
   step_s = statistics.median(times)
   n = len(batch["full_ids"])
   kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -214,7 +232,7 @@ def main(argv=None) -> dict:
             "torch_step_s": round(step_s, 5), "torch_cpu_s_per_step": round(statistics.median(cpu), 4),
             "torch_warmup_s": round(warm, 1),
             "torch_examples_per_s": round(n / step_s, 3), "torch_loss": float(losses[-1]),
-            "batch_asked": full_batch}
+            "batch_asked": full_batch, "rounds": len(times), "interleaved": args.serve}
   ours = spec.get("ours") or {}
   print(f"PyTorch reference ({attn}, {spec['dtype']}) on {kind}: step {step_s * 1e3:.1f} ms, "
         f"{result['torch_examples_per_s']:.2f} examples/s")

@@ -12,11 +12,15 @@ ml_collections do.
 
 `--spec-out DIR` writes the batch and the settings for bench/torch_reference.py;
 `--torch` runs that reference right after (same process tree, same machine) and
-reports ours / theirs. The last line is one JSON object of the figures.
+reports ours / theirs. `--interleave` (CPU) runs it alongside instead, a round of
+ours then a round of its (both processes alive, the reference warmed up first), so
+that a drift in a shared machine's speed falls on both alike. The last line is one
+JSON object of the figures.
 
   python bench/train_step.py --config configs/demo.py --batch 32 --torch
   python bench/train_step.py --config configs/smolvlm_256m.py --batch 16 --config.model.attention=cudnn
   python bench/train_step.py --config configs/demo.py --config.data.pack_rows=24 --torch
+  python bench/train_step.py --config configs/demo.py --config.data.pack_rows=24 --interleave --rounds 5
 
 `--config.data.pack_rows=R` packs the batch's full prompts into R rows (pixrec_jax/data/packing.py); the
 PyTorch reference still runs a row per prompt, as the paper's code does.
@@ -179,12 +183,13 @@ def build_trainer(cfg, bcfg, text_only: bool, runtime: dict | None = None):
 
 
 def time_rounds(step, warmup: int, rounds: int, steps: int, sync, timed_step=None,
-                counts: dict | None = None) -> tuple[float, float, float]:
+                counts: dict | None = None, between=None) -> tuple[float, float, float]:
   """(median seconds per step over rounds, seconds of the warm-up, median CPU seconds of this process per
   step). `step()` runs one step (`timed_step()`, if given, in the timed rounds); `sync()` waits. On a
   shared CPU the process's CPU time is the steadier measure of work: other processes' load stretches wall
   time, not it. `counts`, if given, receives "minor_faults_per_step": the page faults of the timed rounds
-  (memory mapped afresh: pixrec_jax.host_memory)."""
+  (memory mapped afresh: pixrec_jax.host_memory), and "round_s": each round's seconds per step.
+  `between()`, if given, runs after each timed round, outside its time (the reference's round, interleaved)."""
   start = time.perf_counter()
   for _ in range(warmup):
     step()
@@ -199,10 +204,51 @@ def time_rounds(step, warmup: int, rounds: int, steps: int, sync, timed_step=Non
     sync()
     times.append((time.perf_counter() - start) / steps)
     cpu.append((time.process_time() - start_cpu) / steps)
+    if between is not None:
+      faults -= resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      between()
+      faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   if counts is not None:
     counts["minor_faults_per_step"] = round((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
                                             / max(1, rounds * steps))
+    counts["round_s"] = times
   return statistics.median(times), warm, statistics.median(cpu)
+
+
+class InterleavedReference:
+  """bench/torch_reference.py --serve as a child process: built and warmed up on start, then a round of
+  the spec's steps each time `round()` is called; `finish()` ends it and returns its figures (its last
+  line). Its other output is printed as it comes."""
+
+  def __init__(self, script: pathlib.Path, spec_dir: pathlib.Path):
+    self.proc = subprocess.Popen([sys.executable, str(script), "--spec", str(spec_dir), "--serve"], text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    self.round_s = []
+    self._read("ready")
+
+  def _read(self, key: str) -> dict:
+    """Print the reference's lines up to the JSON object that holds `key`, and return that object."""
+    for line in self.proc.stdout:
+      if line.startswith("{"):
+        message = json.loads(line)
+        if key in message:
+          return message
+      print(line, end="")
+    raise SystemExit(f"bench/torch_reference.py --serve ended (exit code {self.proc.wait()}) before its {key!r} line")
+
+  def round(self) -> None:
+    self.proc.stdin.write("round\n")
+    self.proc.stdin.flush()
+    self.round_s.append(self._read("round_s")["round_s"])
+
+  def finish(self) -> dict:
+    self.proc.stdin.close()
+    theirs = self._read("torch_step_s")
+    print(json.dumps(theirs))
+    if self.proc.wait():
+      raise SystemExit(f"bench/torch_reference.py --serve failed (exit code {self.proc.returncode})")
+    return theirs
 
 
 def write_spec(path: pathlib.Path, cfg, bcfg, batch: dict, text_only: bool, args, result: dict) -> None:
@@ -234,6 +280,8 @@ def main(argv=None) -> dict:
                       "--config.data.pack_rows); auto: the fewest this batch's prompts fit")
   parser.add_argument("--spec-out", default="", help="write the batch and settings for bench/torch_reference.py")
   parser.add_argument("--torch", action="store_true", help="run bench/torch_reference.py after ours, print the ratio")
+  parser.add_argument("--interleave", action="store_true", help="run the reference alongside ours instead (CPU): "
+                      "a round of ours, then a round of the reference's, --rounds times; implies --torch")
   parser.add_argument("--scan-layers", action="store_true", help="scan over layers, where this tree's Runtime can")
   parser.add_argument("--remat", default="", help="a remat policy name, where this tree's Runtime has remat")
   parser.add_argument("--profile", default="", help="after timing, trace --profile-steps steps with jax.profiler "
@@ -242,6 +290,7 @@ def main(argv=None) -> dict:
                       "devices (reported as resident_examples_per_s): what the host -> device copy costs")
   parser.add_argument("--profile-steps", type=int, default=2, help="steps traced with --profile")
   args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+  args.torch = args.torch or args.interleave
 
   import jax  # pylint: disable=import-outside-toplevel
   if args.platform:
@@ -296,9 +345,18 @@ def main(argv=None) -> dict:
       step()
 
   counts = {}
+  spec_dir = pathlib.Path(args.spec_out or tempfile.mkdtemp(prefix="pixrec_torch_ref_")) if args.torch else None
+  script = pathlib.Path(__file__).with_name("torch_reference.py")
+  reference = None
+  if args.interleave:
+    if jax.devices()[0].platform != "cpu":
+      raise SystemExit(f"--interleave keeps the reference alive beside ours: on {jax.devices()[0].platform} both "
+                       "would hold device memory at once; use --torch (the reference right after ours)")
+    write_spec(spec_dir, cfg, bcfg, plain_batch, text_only, args, {})
+    reference = InterleavedReference(script, spec_dir)  # built and warmed up before our warm-up
   step_s, warm_s, cpu_s = time_rounds(step, args.warmup, args.rounds, args.steps,
                                       lambda: jax.block_until_ready((state[0], metrics[0])), timed_step=guarded_step,
-                                      counts=counts)
+                                      counts=counts, between=reference and reference.round)
   resident_s = None
   if args.resident:
     # The same step on a batch already on the devices: the difference is what the host -> device copy costs.
@@ -347,15 +405,21 @@ def main(argv=None) -> dict:
         f"examples/s, {result['tflops_per_device']:.2f} TFLOP/s per device"
         + ("" if util["mfu"] is None else f", MFU {util['mfu']:.1%}"))
   if args.spec_out or args.torch:
-    spec_dir = pathlib.Path(args.spec_out or tempfile.mkdtemp(prefix="pixrec_torch_ref_"))
+    spec_dir = spec_dir or pathlib.Path(args.spec_out)
     write_spec(spec_dir, cfg, bcfg, plain_batch, text_only, args, result)
     if args.torch:
       del state[0], metrics[0]
-      script = pathlib.Path(__file__).with_name("torch_reference.py")
-      proc = subprocess.run([sys.executable, str(script), "--spec", str(spec_dir)], check=True, text=True,
-                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-      print(proc.stdout, end="")
-      theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+      if reference is not None:
+        theirs = reference.finish()
+        # Each round's ratio of examples/s: ours, against the reference's round right after it.
+        result["round_ratios_vs_torch"] = [round(batch_size / o / (theirs["batch"] / t), 3)
+                                           for o, t in zip(counts["round_s"], reference.round_s)]
+        result["interleaved"] = True
+      else:
+        proc = subprocess.run([sys.executable, str(script), "--spec", str(spec_dir)], check=True, text=True,
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        print(proc.stdout, end="")
+        theirs = json.loads(proc.stdout.strip().splitlines()[-1])
       result["torch_examples_per_s"] = theirs["torch_examples_per_s"]
       # From the step times and batches: examples/s are rounded, coarsely for steps of seconds.
       result["ratio_vs_torch"] = round(batch_size / step_s / (theirs["batch"] / theirs["torch_step_s"]), 3)

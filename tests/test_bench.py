@@ -95,11 +95,12 @@ def test_cpu_ops_times_the_same_computation_in_both_libraries(causal_blocks):
   # bench/cpu_ops.py compares like with like only if each pair computes the same values: the matmuls, the
   # MLP's four gradients, our attention's dQ, dK, dV against PyTorch's fused kernel (padding, GQA), and the
   # rotary embedding's output and input gradient (ours a custom VJP) against transformers' rotate_half form.
-  # The vision case's 512 patches take XLA attention's map over heads (layers._map_heads) on CPU.
+  # The vision case's 512 patches take XLA attention's map over heads (layers._map_heads) on CPU; its MLP
+  # (SigLIP's: tanh GELU, biases) gives its five gradients.
   pairs = cpu_ops.cases(batch=3, seq=24, hidden=16, ffn=32, heads=4, kv_heads=2, head_dim=8,
                         causal_blocks=causal_blocks, vision=(2, 512, 2, 8))
   assert layers._map_heads(1, 512, 512) and not layers._map_heads(1, 511, 512) and not layers._map_heads(2, 512, 512)
-  assert len(pairs) == 7
+  assert len(pairs) == 8
   for name, (ours, theirs) in pairs.items():
     got, want = ours(), theirs()
     got, want = (got, want) if isinstance(want, (tuple, list)) else ((got,), (want,))
@@ -169,6 +170,28 @@ def test_packed_items_take_rows_too_and_leave_no_item_pass():
   shapes = flops.step_shapes(layout, 8, full_rows=together["pack_rows"], items_packed=True)
   count = flops.train_flops(bcfg, shapes, proj_dim=cfg.pixrec.proj_dim, text_only=True)
   assert count["decoder_item"] == 0 and together["tflop_per_step"] == round(count["total"] / 1e12, 4)
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_torch_reference_runs_the_same_batch_right_after_or_between_our_rounds(interleave, capsys):
+  """--torch runs bench/torch_reference.py on the spec after ours; --interleave runs it alongside, a round of
+  its after each of ours. Either way the ratio is ours over its examples/s from the median step times, and
+  the reference starts from the same loss on the same batch (its random init differs, so only roughly)."""
+  args = ["--config", "configs/demo.py:text_only", "--config.model.text.num_hidden_layers=1", "--batch", "4",
+          "--warmup", "1", "--rounds", "3", "--steps", "1", "--interleave" if interleave else "--torch"]
+  result = train_step.main(args)
+  out = capsys.readouterr().out.strip().splitlines()
+  theirs = json.loads(out[-3])  # the reference's own line, then the ratio, then ours
+  assert json.loads(out[-1]) == json.loads(json.dumps(result))
+  assert theirs["bench"] == "torch_reference" and theirs["rounds"] == 3 and theirs["interleaved"] == interleave
+  assert result["ratio_vs_torch"] == pytest.approx(
+      result["batch"] / result["step_s"] / (theirs["batch"] / theirs["torch_step_s"]), rel=1e-3)
+  assert np.isfinite(theirs["torch_loss"]) and np.isfinite(result["loss"])
+  if interleave:  # a round's ratio each, their median the reported one's neighbourhood
+    ratios = result["round_ratios_vs_torch"]
+    assert len(ratios) == 3 and min(ratios) <= result["ratio_vs_torch"] * 1.001 and all(r > 0 for r in ratios)
+  else:
+    assert "round_ratios_vs_torch" not in result
 
 
 def test_optimizer_update_bench_applies_every_update_it_times(capsys):
