@@ -514,7 +514,8 @@ def _head_forward(q, k, v, mask, scale, softcap):
 
 
 def _head_backward(q, k, v, mask, out, top, total, dout, scale, softcap):
-  """One head's (dq, dk, dv) from its inputs, output, row maxima and sums, and the output's cotangent."""
+  """One head's (dq as (B, H, T), dk, dv) from its inputs, output, row maxima and sums, and the output's
+  cotangent."""
   dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
   edges = _query_edges(*q.shape[:2])
   for start, end in zip(edges[:-1], edges[1:]):
@@ -533,12 +534,14 @@ def _head_backward(q, k, v, mask, out, top, total, dout, scale, softcap):
     if block_mask is not None:  # masked logits get no gradient (a query row with no key has probs 1 / S)
       dlogits = jnp.where(block_mask.swapaxes(-1, -2), dlogits, 0.0)
     dlogits = dlogits.astype(q.dtype)
-    # dq as (B, H, Tb), transposed after: XLA:CPU runs the (B, Tb, H) form, whose operands both contract
-    # their middle axis, as a plain dot at half the speed.
-    dq.append(jnp.einsum("bst,bsh->bht", dlogits, k, preferred_element_type=jnp.float32).swapaxes(1, 2) * scale)
+    # dq as (B, H, Tb): XLA:CPU runs the (B, Tb, H) form, whose operands both contract their middle axis, as
+    # a plain dot at half the speed. It stays (B, H, T) to the map's (N, B, H, T) result, whose transpose
+    # back joins the one to (B, T, N, H) after it: one copy, not also a transpose a block (`bench/cpu_ops.py
+    # --vision 3,1024,12,64 --vision-mask none --only "vision attention"`, five pairs: 223-235 -> 215-226 ms).
+    dq.append(jnp.einsum("bst,bsh->bht", dlogits, k, preferred_element_type=jnp.float32) * scale)
     dk = dk + jnp.einsum("bst,bth->bsh", dlogits, qb * jnp.asarray(scale, q.dtype),
                          preferred_element_type=jnp.float32)
-  return jnp.concatenate(dq, axis=1).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  return jnp.concatenate(dq, axis=2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def _head_by_head_fwd(q, k, v, mask, scale, softcap):
@@ -550,7 +553,7 @@ def _head_by_head_bwd(scale, softcap, residuals, dout):
   q, k, v, mask, out, top, total = residuals
   dq, dk, dv = jax.lax.map(lambda x: _head_backward(*x[:3], mask, *x[3:], scale, softcap),
                            (q, k, v, out, top, total, dout))
-  return dq, dk, dv, None
+  return dq.swapaxes(-1, -2), dk, dv, None
 
 
 _head_by_head.defvjp(_head_by_head_fwd, _head_by_head_bwd)
