@@ -345,7 +345,9 @@ def main(argv=None) -> dict:
       step()
 
   counts = {}
-  spec_dir = pathlib.Path(args.spec_out or tempfile.mkdtemp(prefix="pixrec_torch_ref_")) if args.torch else None
+  spec_dir = None
+  if args.spec_out or args.torch:
+    spec_dir = pathlib.Path(args.spec_out or tempfile.mkdtemp(prefix="pixrec_torch_ref_"))
   script = pathlib.Path(__file__).with_name("torch_reference.py")
   reference = None
   if args.interleave:
@@ -404,8 +406,7 @@ def main(argv=None) -> dict:
   print(f"step {step_s * 1e3:.1f} ms (median of {args.rounds} x {args.steps}), {result['examples_per_s']:.2f} "
         f"examples/s, {result['tflops_per_device']:.2f} TFLOP/s per device"
         + ("" if util["mfu"] is None else f", MFU {util['mfu']:.1%}"))
-  if args.spec_out or args.torch:
-    spec_dir = spec_dir or pathlib.Path(args.spec_out)
+  if spec_dir is not None:
     write_spec(spec_dir, cfg, bcfg, plain_batch, text_only, args, result)
     if args.torch:
       del state[0], metrics[0]

@@ -212,9 +212,9 @@ def _largest_fusion(layers_count: int, monkeypatch, barrier: bool = True) -> int
 def test_vision_residual_gradients_are_written_once_a_layer_on_cpu(monkeypatch, halves):
   """Without layers.residual_barrier XLA:CPU fuses the residual-gradient chain of every layer above into each
   layer's fusions (the largest fusion grows with depth) where LayerNorm's backward is autodiff's (the plain
-  sums of a mesh: `layers._halved_sums` False); with it the largest fusion is the same at any depth, with
+  sums of a mesh: `layers.halved_sums` False); with it the largest fusion is the same at any depth, with
   either LayerNorm."""
-  monkeypatch.setattr(layers, "_halved_sums", lambda: halves)
+  monkeypatch.setattr(layers, "halved_sums", lambda: halves)
   assert _largest_fusion(8, monkeypatch) == _largest_fusion(2, monkeypatch)
   if not halves:
     assert _largest_fusion(8, monkeypatch, barrier=False) > 2 * _largest_fusion(2, monkeypatch, barrier=False)
@@ -351,10 +351,10 @@ def test_projections_side_by_side_are_the_separate_ones(monkeypatch):
 
 
 def _grads_both_ways(monkeypatch, fn, *args):
-  """(value, grads) of fn on CPU with sums in halves (`layers._halved_sums`) and with plain reductions."""
+  """(value, grads) of fn on CPU with sums in halves (`layers.halved_sums`) and with plain reductions."""
   results = []
   for halves in (True, False):
-    monkeypatch.setattr(layers, "_halved_sums", lambda halves=halves: halves)
+    monkeypatch.setattr(layers, "halved_sums", lambda halves=halves: halves)
     results.append(jax.jit(jax.value_and_grad(fn, argnums=tuple(range(len(args)))))(*args))
   return results
 
@@ -363,7 +363,7 @@ def test_layer_norm_and_bias_sums_in_halves_match_the_plain_form(monkeypatch):
   """On one CPU device LayerNorm (its backward written out) and the linear layers' bias take their sums as
   halves; values and every gradient are the plain form's to rounding, in float32 and bfloat16 inputs, for
   token counts that halve evenly (3 x 1024) and ones that do not (5 x 7)."""
-  assert layers._halved_sums()  # the tests' CPU, no mesh
+  assert layers.halved_sums()  # the tests' CPU, no mesh
   rng = np.random.default_rng(0)
   for shape in ((3, 1024, 96), (5, 7, 40)):
     d = shape[-1]
@@ -392,11 +392,11 @@ def test_layer_norm_and_bias_sums_in_halves_match_the_plain_form(monkeypatch):
 
 def test_sums_in_halves_only_on_one_cpu_device():
   """A mesh of several devices shards the tokens, which halves would slice across devices: plain sums."""
-  assert layers._halved_sums()
+  assert layers.halved_sums()
   mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
   with jax.set_mesh(mesh):
-    assert layers._halved_sums()
+    assert layers.halved_sums()
   if len(jax.devices()) > 1:
     mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
     with jax.set_mesh(mesh):
-      assert not layers._halved_sums()
+      assert not layers.halved_sums()

@@ -13,6 +13,7 @@ from flax import nnx
 from pixrec_jax import config_lib, xla_options
 from pixrec_jax import sharding as shd
 from pixrec_jax.data import pipeline
+from pixrec_jax.models import layers
 from pixrec_jax.recsys.losses import LossWeights
 from pixrec_jax.train import optim
 from pixrec_jax.train import run
@@ -114,6 +115,17 @@ def test_global_norm_is_optax_s_and_reads_each_leaf_once_on_cpu():
 
   assert max(written(optim.global_norm)) <= 4096 * 256 // 4
   assert max(written(optax.tree.norm)) == 4096 * 256  # what the check above would catch
+
+
+def test_global_norm_takes_halves_where_the_models_sums_do(monkeypatch):
+  """optim.global_norm makes layers.halved_sums' choice: halves on one CPU device, optax's form where the
+  model's sums are plain (a mesh of several devices, whose shards halves would slice across)."""
+  tree = {"w": jnp.ones((4096, 256))}
+  # A fresh function each time: jax.jit of the same one would reuse its first trace.
+  sliced = lambda: "slice" in jax.jit(lambda t: optim.global_norm(t)).lower(tree).as_text()
+  assert layers.halved_sums() and sliced()
+  monkeypatch.setattr(layers, "halved_sums", lambda: False)
+  assert not sliced() and float(optim.global_norm(tree)) == pytest.approx(float(optax.tree.norm(tree)), rel=1e-6)
 
 
 def test_clip_fuses_into_the_optimiser_passes():

@@ -137,8 +137,8 @@ class Linear(nnx.Module):
 
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
   """y + bias (bias over the last axis); on one CPU device the bias's gradient, a sum over every token,
-  runs as `token_sum`'s halves instead of XLA:CPU's windowed reduction (`_halved_sums`)."""
-  return _add_bias(y, bias) if _halved_sums() else y + bias
+  runs as `token_sum`'s halves instead of XLA:CPU's windowed reduction (`halved_sums`)."""
+  return _add_bias(y, bias) if halved_sums() else y + bias
 
 
 @jax.custom_vjp
@@ -182,7 +182,7 @@ def _row_sum(x: jax.Array) -> jax.Array:
   return jnp.sum(fold_halves(x, -1, 16, jnp.add), axis=-1, keepdims=True)
 
 
-def _halved_sums() -> bool:
+def halved_sums() -> bool:
   """Whether norms and biases take their sums over features and over tokens as halves (`token_sum`,
   `_row_sum`): on CPU, where XLA splits such reductions into windows of 32 that run far below memory
   speed (BENCHMARKS.md, "Sums in halves on the CPU"), and on one device: a mesh shards the tokens, which
@@ -294,7 +294,7 @@ class LayerNorm(nnx.Module):
     dtype = x.dtype
     x32 = x.astype(jnp.float32)
     weight, bias = self.weight[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
-    if _halved_sums():
+    if halved_sums():
       return _layer_norm(x32, weight, bias, self.eps).astype(dtype)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -306,7 +306,7 @@ class LayerNorm(nnx.Module):
 def _layer_norm(x, weight, bias, eps):
   """LayerNorm of float32 x with its backward pass written out, every sum as halves (`_row_sum` over the
   features, `token_sum` over the tokens for the weight's and the bias's gradients): the CPU form
-  (`_halved_sums`). The values and gradients of the plain form, to rounding."""
+  (`halved_sums`). The values and gradients of the plain form, to rounding."""
   return _layer_norm_fwd(x, weight, bias, eps)[0]
 
 

@@ -35,8 +35,9 @@ def global_norm(tree) -> jax.Array:
   remain, then one short sum: XLA:CPU (under our compiler options, `pixrec_jax/xla_options.py`) writes
   the squares to memory and reduces them in windows of 32 far below memory speed, where the halves are
   elementwise passes that read each gradient once (BENCHMARKS.md, "Sums in halves on the CPU"). Other
-  platforms take optax's form."""
-  if jax.default_backend() != "cpu":
+  platforms, and meshes of several devices (whose shards the halves would slice across: the same choice
+  as the model's sums, `layers.halved_sums`), take optax's form."""
+  if not layers.halved_sums():
     return optax.tree.norm(tree)
   return jnp.sqrt(sum((_sum_of_squares(x) for x in jax.tree.leaves(tree)), jnp.float32(0)))
 
