@@ -15,12 +15,16 @@ ml_collections do.
 reports ours / theirs. `--interleave` (CPU) runs it alongside instead, a round of
 ours then a round of its (both processes alive, the reference warmed up first), so
 that a drift in a shared machine's speed falls on both alike. The last line is one
-JSON object of the figures.
+JSON object of the figures. `--matmul-rate` also times XLA's matmuls of the
+backbone's largest linear layer alone and gives the step's TFLOP/s as a fraction of
+their rate (on a CPU, where MFU has no peak to divide by).
 
   python bench/train_step.py --config configs/demo.py --batch 32 --torch
   python bench/train_step.py --config configs/smolvlm_256m.py --batch 16 --config.model.attention=cudnn
   python bench/train_step.py --config configs/demo.py --config.data.pack_rows=24 --torch
   python bench/train_step.py --config configs/demo.py --config.data.pack_rows=24 --interleave --rounds 5
+  python bench/train_step.py --config configs/smolvlm_256m.py --batch 1 --config.data.image_budget=3 \
+      --config.model.dtype=float32 --matmul-rate
 
 `--config.data.pack_rows=R` packs the batch's full prompts into R rows (pixrec_jax/data/packing.py); the
 PyTorch reference still runs a row per prompt, as the paper's code does.
@@ -215,6 +219,44 @@ def time_rounds(step, warmup: int, rounds: int, steps: int, sync, timed_step=Non
   return statistics.median(times), warm, statistics.median(cpu)
 
 
+MATMUL_TOKENS = 3072  # rows of the matmuls --matmul-rate times (SigLIP's 3 tiles of 1024 patches)
+
+
+def matmul_shape(bcfg, tokens: int = MATMUL_TOKENS) -> tuple[int, int, int]:
+  """(tokens, hidden, intermediate): the backbone's largest MLP projection (vision tower's or decoder's) at
+  `tokens` rows, the linear layer whose matmuls `matmul_rate` times."""
+  mlps = [(c.hidden_size, c.intermediate_size) for c in (bcfg.text, bcfg.vision) if c is not None]
+  return (tokens, *max(mlps, key=lambda mlp: mlp[0] * mlp[1]))
+
+
+def matmul_rate(shape: tuple[int, int, int], dtype, rounds: int = 5, iters: int = 3) -> dict:
+  """TFLOP/s of XLA's three matmuls of one linear layer of `shape` (tokens, in, out) on the default device:
+  the forward x @ W, the input gradient dy @ W.T and the weight gradient x.T @ dy, each jitted alone and
+  timed as the step is (`time_rounds`: a warm-up call, then the median of `rounds` rounds of `iters`
+  calls); "tflops" is their FLOPs over their summed times. On a CPU, which has no peak in
+  pixrec_jax.flops, it is what the step's TFLOP/s can be held against: how much of the step is not matmul
+  at the rate XLA's matmuls run (BENCHMARKS.md)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  m, k, n = shape
+  kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+  x, w, dy = (jax.random.normal(key, s, dtype) for key, s in ((kx, (m, k)), (kw, (k, n)), (kd, (m, n))))
+  forms = {"x @ W": lambda x, w, dy: x @ w, "dy @ W.T": lambda x, w, dy: dy @ w.T,
+           "x.T @ dy": lambda x, w, dy: x.T @ dy}
+  seconds = {}
+  for name, form in forms.items():
+    fn, out = jax.jit(form), [None]
+
+    def call(fn=fn, out=out):
+      out[0] = fn(x, w, dy)
+
+    seconds[name], _, _ = time_rounds(call, 1, rounds, iters, lambda out=out: jax.block_until_ready(out[0]))
+  flop = 2 * m * k * n
+  return {"shape": [m, k, n], "dtype": str(jax.numpy.dtype(dtype)),
+          "tflops": round(len(forms) * flop / sum(seconds.values()) / 1e12, 6),
+          "tflops_each": {name: round(flop / s / 1e12, 6) for name, s in seconds.items()}}
+
+
 class InterleavedReference:
   """bench/torch_reference.py --serve as a child process: built and warmed up on start, then a round of
   the spec's steps each time `round()` is called; `finish()` ends it and returns its figures (its last
@@ -285,9 +327,13 @@ def main(argv=None) -> dict:
   parser.add_argument("--scan-layers", action="store_true", help="scan over layers, where this tree's Runtime can")
   parser.add_argument("--remat", default="", help="a remat policy name, where this tree's Runtime has remat")
   parser.add_argument("--profile", default="", help="after timing, trace --profile-steps steps with jax.profiler "
-                      "into this folder (open it with TensorBoard's or XProf's profile plugin)")
+                      "into this folder (open it with TensorBoard's or XProf's profile plugin; perfetto_trace.json.gz beside it "
+                      "opens in ui.perfetto.dev)")
   parser.add_argument("--resident", action="store_true", help="also time the step on a batch already on the "
                       "devices (reported as resident_examples_per_s): what the host -> device copy costs")
+  parser.add_argument("--matmul-rate", action="store_true", help="also time XLA's three matmuls of the "
+                      "backbone's largest MLP projection at 3072 rows, alone (matmul_rate), and report the step's "
+                      "TFLOP/s as a fraction of theirs: the CPU's stand-in for MFU")
   parser.add_argument("--profile-steps", type=int, default=2, help="steps traced with --profile")
   args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
   args.torch = args.torch or args.interleave
@@ -370,7 +416,8 @@ def main(argv=None) -> dict:
     resident_s, _, _ = time_rounds(resident_step, 1, args.rounds, args.steps,
                                    lambda: jax.block_until_ready((state[0], metrics[0])))
   if args.profile:
-    with jax.profiler.trace(args.profile):
+    # Also a Perfetto trace (perfetto_trace.json.gz): plain JSON, for summing op times without TensorBoard.
+    with jax.profiler.trace(args.profile, create_perfetto_trace=True):
       for _ in range(args.profile_steps):
         step()
       jax.block_until_ready((state[0], metrics[0]))
@@ -396,6 +443,9 @@ def main(argv=None) -> dict:
       "cpu_step_memory_reused": reused,  # pixrec_jax.host_memory (config cpu.reuse_step_memory)
       "minor_faults_per_step": counts["minor_faults_per_step"],
   }
+  if args.matmul_rate:
+    result["matmul"] = matmul_rate(matmul_shape(bcfg), rt.dtype)
+    result["of_matmul_rate"] = round(util["tflops_per_device"] / result["matmul"]["tflops"], 3)
   if resident_s is not None:
     result["resident_examples_per_s"] = round(batch_size / resident_s, 3)
     print(f"on a device-resident batch: {resident_s * 1e3:.1f} ms, {result['resident_examples_per_s']:.2f} examples/s")
@@ -406,6 +456,10 @@ def main(argv=None) -> dict:
   print(f"step {step_s * 1e3:.1f} ms (median of {args.rounds} x {args.steps}), {result['examples_per_s']:.2f} "
         f"examples/s, {result['tflops_per_device']:.2f} TFLOP/s per device"
         + ("" if util["mfu"] is None else f", MFU {util['mfu']:.1%}"))
+  if args.matmul_rate:
+    rate = result["matmul"]
+    print(f"XLA's matmuls of a {' x '.join(map(str, rate['shape']))} linear layer alone: {rate['tflops']:.3f} "
+          f"TFLOP/s ({rate['dtype']}); the step at {result['of_matmul_rate']:.0%} of that")
   if spec_dir is not None:
     write_spec(spec_dir, cfg, bcfg, plain_batch, text_only, args, result)
     if args.torch:

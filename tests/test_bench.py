@@ -194,6 +194,41 @@ def test_torch_reference_runs_the_same_batch_right_after_or_between_our_rounds(i
     assert "round_ratios_vs_torch" not in result
 
 
+def test_matmul_rate_times_the_largest_mlp_and_holds_the_step_against_it(capsys):
+  """--matmul-rate times the three matmuls of the backbone's largest MLP projection (SigLIP's 768 -> 3072 in
+  smolvlm_256m, not its decoder's 576 -> 1536) and reports their joint rate, the FLOPs of all three over
+  their summed times, and the step's TFLOP/s as a fraction of it."""
+  smolvlm, _ = config_lib.parse_args(["--config", "configs/smolvlm_256m.py"])
+  assert train_step.matmul_shape(train_step.backbone_config(smolvlm)) == (3072, 768, 3072)
+  args = ["--config", "configs/demo.py:text_only", "--config.model.text.num_hidden_layers=1", "--batch", "4",
+          "--warmup", "1", "--rounds", "1", "--steps", "1", "--matmul-rate"]
+  result = train_step.main(args)
+  rate = result["matmul"]
+  assert rate["shape"] == [3072, 128, 256] and rate["dtype"] == "float32"  # the demo decoder's MLP, text only
+  assert set(rate["tflops_each"]) == {"x @ W", "dy @ W.T", "x.T @ dy"}
+  joint = 3 / sum(1 / r for r in rate["tflops_each"].values())  # equal FLOPs each: the harmonic mean
+  assert rate["tflops"] == pytest.approx(joint, rel=1e-4)
+  # tflops_per_device is rounded to 3 decimals, of_matmul_rate (from the unrounded one) too
+  rounding = 5e-4 / rate["tflops"] + 5e-4
+  assert result["of_matmul_rate"] == pytest.approx(result["tflops_per_device"] / rate["tflops"], abs=rounding)
+  assert "of that" in capsys.readouterr().out
+
+
+def test_profile_writes_a_perfetto_trace_of_the_steps_kernels(tmp_path):
+  """--profile traces the step into the folder, with a Perfetto JSON trace beside XProf's whose events are
+  the step's XLA kernels (what BENCHMARKS.md's op-time sums read)."""
+  import gzip
+
+  args = ["--config", "configs/demo.py:text_only", "--config.model.text.num_hidden_layers=1", "--batch", "4",
+          "--warmup", "1", "--rounds", "1", "--steps", "1", "--profile", str(tmp_path), "--profile-steps", "1"]
+  train_step.main(args)
+  (trace,) = tmp_path.glob("plugins/profile/*/perfetto_trace.json.gz")
+  assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+  events = json.load(gzip.open(trace))["traceEvents"]
+  names = {e["name"] for e in events if e.get("ph") == "X"}
+  assert any("fusion" in n for n in names) and any("train_step" in n for n in names), sorted(names)[:20]
+
+
 def test_optimizer_update_bench_applies_every_update_it_times(capsys):
   result = optimizer_update.main(["--config", "configs/demo.py", "--warmup", "1", "--rounds", "2", "--steps", "1",
                                   "--config.model.text.num_hidden_layers=1", "--config.model.vision.num_hidden_layers=1"])
