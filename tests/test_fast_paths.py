@@ -342,7 +342,8 @@ def test_projections_side_by_side_are_the_separate_ones(monkeypatch):
       (want_value, want_grads), want_widths = run(model, args)
     np.testing.assert_allclose(value, want_value, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
-      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+      # atol 1e-5: gradients of size ~5 summed in another order (AVX-512 CPUs differ by up to 1.7e-6 near 0)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     if jax.default_backend() == "cpu":  # the side-by-side matmuls are there: q+k+v (and gate+up) wide
       side = {32 + 16 + 16, 2 * 48} if model is text else {3 * 16}
       assert side <= set(widths) and not side & set(want_widths), (widths, want_widths)
