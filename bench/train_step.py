@@ -327,8 +327,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--scan-layers", action="store_true", help="scan over layers, where this tree's Runtime can")
   parser.add_argument("--remat", default="", help="a remat policy name, where this tree's Runtime has remat")
   parser.add_argument("--profile", default="", help="after timing, trace --profile-steps steps with jax.profiler "
-                      "into this folder (open it with TensorBoard's or XProf's profile plugin; perfetto_trace.json.gz beside it "
-                      "opens in ui.perfetto.dev)")
+                      "into this folder (open it with TensorBoard's or XProf's profile plugin; the "
+                      "perfetto_trace.json.gz beside it opens in ui.perfetto.dev)")
   parser.add_argument("--resident", action="store_true", help="also time the step on a batch already on the "
                       "devices (reported as resident_examples_per_s): what the host -> device copy costs")
   parser.add_argument("--matmul-rate", action="store_true", help="also time XLA's three matmuls of the "
