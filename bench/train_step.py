@@ -231,12 +231,13 @@ def matmul_shape(bcfg, tokens: int = MATMUL_TOKENS) -> tuple[int, int, int]:
 
 def matmul_rate(shape: tuple[int, int, int], dtype, rounds: int = 5, iters: int = 3) -> dict:
   """TFLOP/s of XLA's three matmuls of one linear layer of `shape` (tokens, in, out) on the default device:
-  the forward x @ W, the input gradient dy @ W.T and the weight gradient x.T @ dy, each jitted alone and
-  timed as the step is (`time_rounds`: a warm-up call, then the median of `rounds` rounds of `iters`
-  calls); "tflops" is their FLOPs over their summed times. On a CPU, which has no peak in
-  pixrec_jax.flops, it is what the step's TFLOP/s can be held against: how much of the step is not matmul
-  at the rate XLA's matmuls run (BENCHMARKS.md)."""
+  the forward x @ W, the input gradient dy @ W.T and the weight gradient x.T @ dy, each jitted alone with
+  the step's XLA options (pixrec_jax.xla_options) and timed as the step is (`time_rounds`: a warm-up call,
+  then the median of `rounds` rounds of `iters` calls); "tflops" is their FLOPs over their summed times. On
+  a CPU, which has no peak in pixrec_jax.flops, it is what the step's TFLOP/s can be held against: how much
+  of the step is not matmul at the rate XLA's matmuls run (BENCHMARKS.md)."""
   import jax  # pylint: disable=import-outside-toplevel
+  from pixrec_jax import xla_options  # pylint: disable=import-outside-toplevel
 
   m, k, n = shape
   kx, kw, kd = jax.random.split(jax.random.key(0), 3)
@@ -245,7 +246,7 @@ def matmul_rate(shape: tuple[int, int, int], dtype, rounds: int = 5, iters: int 
            "x.T @ dy": lambda x, w, dy: x.T @ dy}
   seconds = {}
   for name, form in forms.items():
-    fn, out = jax.jit(form), [None]
+    fn, out = jax.jit(form, compiler_options=xla_options.compiler_options()), [None]  # the step's options
 
     def call(fn=fn, out=out):
       out[0] = fn(x, w, dy)
