@@ -190,8 +190,9 @@ def test_torch_reference_runs_the_same_batch_right_after_or_between_our_rounds(i
   if interleave:  # a round's ratio each, their median the reported one's neighbourhood
     ratios = result["round_ratios_vs_torch"]
     assert len(ratios) == 3 and min(ratios) <= result["ratio_vs_torch"] * 1.001 and all(r > 0 for r in ratios)
+    assert result["paired_ratio_vs_torch"] == sorted(ratios)[1]
   else:
-    assert "round_ratios_vs_torch" not in result
+    assert "round_ratios_vs_torch" not in result and "paired_ratio_vs_torch" not in result
 
 
 def test_matmul_rate_times_the_largest_mlp_and_holds_the_step_against_it(capsys):
