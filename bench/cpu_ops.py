@@ -8,7 +8,8 @@ grouped-query attention's forward and backward (ours: pixrec_jax.models.layers.a
 the einsum form XLA compiles; PyTorch's: scaled_dot_product_attention, the fused
 kernel transformers' sdpa models call), and the rotary embedding's forward and
 backward on the queries (ours: layers.apply_rope; PyTorch's: transformers' rotate_half
-form under autograd); with --vision, also a vision tower's attention and its MLP
+form under autograd); with --vision, also a vision tower's attention (forward and
+backward, and the forward alone, as a frozen tower runs it) and its MLP
 (SigLIP's: width -> 4 x width -> width, tanh GELU, biases; theirs transformers'
 SiglipMLP form). Float32 (--dtype bfloat16: both in bfloat16). Each figure is the median of
 --rounds rounds of --iters calls after a warm-up call; JAX results are synced
@@ -151,6 +152,11 @@ def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, he
     pairs[f"vision attention {tiles} x {patches} patches"] = (
         jx(jax_attention(vdim**-0.5), vq, vk, vv, keys),
         pt(torch_attention(vdim**-0.5), vq, vk, vv, keys, grad=(0, 1, 2)))
+    # The forward alone: a frozen tower's (train.trainable=frozen_vision or heads_lm_head, the paper's
+    # modes) and the catalogue's image embeddings at evaluation.
+    pairs[f"vision forward attention {tiles} x {patches} patches"] = (
+        jx(lambda q, k, v, mask: layers.attention(q, k, v, mask, vdim**-0.5), vq, vk, vv, keys),
+        pt(torch_attention_forward(vdim**-0.5), vq, vk, vv, keys))
     width = vheads * vdim  # SigLIP's MLP: width -> 4 x width -> width, tanh GELU, biases
     vx, vdy = normal(tiles * patches, width), normal(tiles * patches, width)
     fc1, fc2 = normal(width, 4 * width) * 0.03, normal(4 * width, width) * 0.03
@@ -158,6 +164,15 @@ def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, he
     pairs[f"vision MLP {tiles} x {patches} patches"] = (
         jx(jax_vision_mlp, vx, fc1, b1, fc2, b2, vdy), pt(torch_vision_mlp, vx, fc1, b1, fc2, b2, vdy, grad=range(5)))
   return pairs
+
+
+def torch_attention_forward(scale):
+  """PyTorch's fused kernel's forward, no autograd: (B, T, N, H) in and out, as ours."""
+  def forward(q, k, v, mask):
+    with torch.no_grad():
+      return torch.nn.functional.scaled_dot_product_attention(
+          q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale).transpose(1, 2)
+  return forward
 
 
 def jax_vision_mlp(x, fc1, b1, fc2, b2, dy):

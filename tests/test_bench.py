@@ -95,12 +95,13 @@ def test_cpu_ops_times_the_same_computation_in_both_libraries(causal_blocks):
   # bench/cpu_ops.py compares like with like only if each pair computes the same values: the matmuls, the
   # MLP's four gradients, our attention's dQ, dK, dV against PyTorch's fused kernel (padding, GQA), and the
   # rotary embedding's output and input gradient (ours a custom VJP) against transformers' rotate_half form.
-  # The vision case's 512 patches take XLA attention's map over heads (layers._map_heads) on CPU; its MLP
-  # (SigLIP's: tanh GELU, biases) gives its five gradients.
+  # The vision case's 512 patches take XLA attention's map over heads (layers._map_heads) on CPU, its
+  # forward alone against PyTorch's under no_grad; its MLP (SigLIP's: tanh GELU, biases) gives its five
+  # gradients.
   pairs = cpu_ops.cases(batch=3, seq=24, hidden=16, ffn=32, heads=4, kv_heads=2, head_dim=8,
                         causal_blocks=causal_blocks, vision=(2, 512, 2, 8))
   assert layers._map_heads(1, 512, 512) and not layers._map_heads(1, 511, 512) and not layers._map_heads(2, 512, 512)
-  assert len(pairs) == 8
+  assert len(pairs) == 9
   for name, (ours, theirs) in pairs.items():
     got, want = ours(), theirs()
     got, want = (got, want) if isinstance(want, (tuple, list)) else ((got,), (want,))
