@@ -28,6 +28,8 @@
 #   smolvlm_items[@B]  smolvlm_packed with the items read alone in the rows too (data.pack_items)
 #   smolvlm_loop  smolvlm with its layers unrolled (model.scan_layers=False, the config's default), then the
 #              PyTorch reference on its batch
+#   update     bench/optimizer_update.py on configs/smolvlm_256m.py (bf16): the optimiser update alone, in
+#              both forms (the GPU's select, the CPU's lax.cond: pixrec_jax.train.trainer.update_under_cond)
 #   loader     bench/loader_vs_step.py: the training input pipeline alone at the smolvlm shapes
 #              ($LOADER_WORKERS worker processes), against the examples/s of this run's smolvlm step
 # PROFILE=1 also traces two steps of each model with jax.profiler ($OUT/<item>.xplane.pb, for XProf or
@@ -187,6 +189,11 @@ for item in $ITEMS; do
         --pallas-blocks 64x32,32x64,64x64,32x32x4
       run attention_smolvlm 120 "$PY" bench/attention.py --batch "$SMOLVLM_BATCH" --seq 544 --heads 9 \
         --kv-heads 3 --head-dim 64 --softcap 0 --pallas-blocks 128x64,64x128,128x128x8,64x64x8 ;;
+    update)
+      for form in select cond; do
+        run "update_$form" 150 "$PY" bench/optimizer_update.py --config configs/smolvlm_256m.py \
+          --config.model.dtype=bfloat16 --form "$form"
+      done ;;
     loader)
       # The step rate to feed: this run's fastest smolvlm result (63 examples/s, the H200's, if none).
       rate="$("$PY" -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; \
@@ -196,7 +203,7 @@ r=[x['examples_per_s'] for x in r if x['item'].startswith('smolvlm') and 'exampl
         --config.data.image_budget="$SMOLVLM_BUDGET" --config.data.num_workers="$LOADER_WORKERS" \
         --workdir "$SPECS/loader" ;;
     *) echo "unknown item $item (demo smolvlm[@B] smolvlm_loop smolvlm_packed[@B] smolvlm_items[@B] paligemma[@B] paligemma_pallas[@B]" \
-            "paligemma_packed[@B] attention loader)" ;;
+            "paligemma_packed[@B] attention update loader)" ;;
   esac
 done
 
@@ -216,6 +223,10 @@ for name, r in rows.items():
   if name.startswith("attention_"):
     print(f"{name}: " + ", ".join(f"{k} {v.get('ms', v.get('error'))} ms" for k, v in r.items()
                                   if isinstance(v, dict) and ("ms" in v or "error" in v)))
+    summary[name] = r
+    continue
+  if name.startswith("update_"):
+    print(f"{name}: {r.get('update_s', r.get('error'))} s an optimiser update ({r.get('trainable_params')} parameters)")
     summary[name] = r
     continue
   if name == "loader":

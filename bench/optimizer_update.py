@@ -7,9 +7,10 @@ same trainer, parameters and settings bench/train_step.py builds. Run from anoth
 `PYTHONPATH=.` to time that checkout's update with this script.
 
   python bench/optimizer_update.py --config configs/smolvlm_256m.py --config.model.dtype=float32
+  python bench/optimizer_update.py --config configs/smolvlm_256m.py --form select   # the other form
 
 The last line is one JSON object: {"update_s", "cpu_s_per_update", "trainable_params", "updates_applied",
-...}; updates_applied counts the updates not skipped as non-finite (all of them: warmup + rounds x steps).
+"form", ...}; updates_applied counts the updates not skipped as non-finite (all of them: warmup + rounds x steps).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--rounds", type=int, default=5, help="timed rounds (the median is reported)")
   parser.add_argument("--steps", type=int, default=3, help="updates per timed round")
   parser.add_argument("--warmup", type=int, default=2, help="updates before timing (the first compiles)")
+  parser.add_argument("--form", choices=("auto", "cond", "select"), default="auto",
+                      help="the update under a lax.cond or new and old values selected; auto: the platform's "
+                      "(pixrec_jax.train.trainer.update_under_cond)")
   args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
 
   import jax  # pylint: disable=import-outside-toplevel
@@ -41,6 +45,8 @@ def main(argv=None) -> dict:
   bcfg = train_step.backbone_config(cfg)
   trainer, _ = train_step.build_trainer(cfg, bcfg, bool(cfg.pixrec.text_only))
   host_memory.retain(jax.devices()[0].platform)
+  if args.form != "auto":
+    trainer.update_under_cond = args.form == "cond"
   state = [trainer.random_state(cfg.seed)]
   rng = np.random.default_rng(cfg.seed)
   leaves, treedef = jax.tree.flatten(state[0].params)
@@ -62,7 +68,8 @@ def main(argv=None) -> dict:
         f"(median of {args.rounds} x {args.steps}), {cpu_s * 1e3:.1f} ms CPU")
   result = {"bench": "optimizer_update", "config": args.config, "device": jax.devices()[0].device_kind,
             "trainable_params": params, "update_s": round(update_s, 5), "cpu_s_per_update": round(cpu_s, 5),
-            "updates_applied": applied}  # none skipped as non-finite: warmup + rounds x steps
+            "updates_applied": applied,  # none skipped as non-finite: warmup + rounds x steps
+            "form": "cond" if trainer.update_under_cond else "select"}
   print(json.dumps(result))
   return result
 

@@ -231,9 +231,12 @@ def test_profile_writes_a_perfetto_trace_of_the_steps_kernels(tmp_path):
   assert any("fusion" in n for n in names) and any("train_step" in n for n in names), sorted(names)[:20]
 
 
-def test_optimizer_update_bench_applies_every_update_it_times(capsys):
+@pytest.mark.parametrize("form", ["auto", "select"])
+def test_optimizer_update_bench_applies_every_update_it_times(capsys, form):
   result = optimizer_update.main(["--config", "configs/demo.py", "--warmup", "1", "--rounds", "2", "--steps", "1",
-                                  "--config.model.text.num_hidden_layers=1", "--config.model.vision.num_hidden_layers=1"])
+                                  "--config.model.text.num_hidden_layers=1", "--config.model.vision.num_hidden_layers=1",
+                                  "--form", form])
   assert result["updates_applied"] == 3 and result["update_s"] > 0 and result["trainable_params"] > 10**5
+  assert result["form"] == {"auto": "cond", "select": "select"}[form]  # auto on the CPU: the cond
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert json.loads(last) == result

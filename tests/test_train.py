@@ -17,6 +17,7 @@ from pixrec_jax.models import layers
 from pixrec_jax.recsys.losses import LossWeights
 from pixrec_jax.train import optim
 from pixrec_jax.train import run
+from pixrec_jax.train import trainer as trainer_lib
 from pixrec_jax.train.run import train_and_evaluate
 from pixrec_jax.train.trainer import Trainer
 from tests.conftest import tiny_pixrec_fn
@@ -145,8 +146,14 @@ def test_clip_fuses_into_the_optimiser_passes():
   assert len(written) == 3, hlo  # the first moment, the second and the parameter
 
 
-def test_update_is_the_optimiser_step_and_skips_a_nonfinite_gradient(word_tokenizer):
+@pytest.mark.parametrize("under_cond", [True, False])
+def test_update_is_the_optimiser_step_and_skips_a_nonfinite_gradient(word_tokenizer, under_cond):
+  """Both forms of the update (a lax.cond on the non-finite check, the CPU's; new against old values
+  selected leaf by leaf, the GPU's and TPU's) apply the optimiser's step and keep every old value on a
+  NaN gradient; only the cond form compiles to an XLA conditional."""
   trainer = _trainer(tiny_pixrec_fn(word_tokenizer, False), nnx.Param)
+  assert trainer.update_under_cond  # these tests run on the CPU
+  trainer.update_under_cond = under_cond
   state = trainer.init_state()
   leaves, treedef = jax.tree.flatten(state.params)
   rng = np.random.default_rng(0)
@@ -166,6 +173,15 @@ def test_update_is_the_optimiser_step_and_skips_a_nonfinite_gradient(word_tokeni
   for got, want in zip(jax.tree.leaves((skipped.params, skipped.opt_state)), jax.tree.leaves((new.params, new.opt_state))):
     np.testing.assert_array_equal(got, want)
   assert int(skipped.nonfinite_steps) == 1 and int(skipped.first_nonfinite_step) == 2 and int(skipped.step) == 2
+  hlo = jax.jit(trainer._update).lower(new, {"loss": np.float32(1.0)}, bad).as_text()
+  assert ("stablehlo.case" in hlo or "stablehlo.if" in hlo) == under_cond
+
+
+def test_only_the_cpu_updates_under_a_conditional():
+  """XLA:GPU copies a conditional's predicate to the host and waits for the stream: the step's update
+  selects there (and on TPUs, measured that way) instead."""
+  assert trainer_lib.update_under_cond("cpu")
+  assert not trainer_lib.update_under_cond("gpu") and not trainer_lib.update_under_cond("tpu")
 
 
 def test_update_takes_an_optimiser_without_extra_arguments(word_tokenizer):

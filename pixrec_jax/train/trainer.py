@@ -64,6 +64,19 @@ def _shardings(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def update_under_cond(platform: str) -> bool:
+  """Whether the train step applies its optimiser update under a `lax.cond` on the non-finite check
+  (`Trainer._update`) rather than selecting new against old values leaf by leaf.
+
+  CPU: the cond. XLA:CPU reads the predicate where it lies, in host memory, and the select made it copy
+  every old Adam moment before overwriting it (smolvlm_256m's update 809 -> 557 ms: BENCHMARKS.md, "The
+  optimiser update under a cond"). Elsewhere: the select, which fuses into the update's elementwise
+  kernels. XLA:GPU runs a conditional by copying its predicate to the host and blocking until the stream
+  has drained, a host-device synchronisation in every step between the backward pass and the update; the
+  GPU and TPU timings in BENCHMARKS.md were measured with the select."""
+  return platform == "cpu"
+
+
 class Trainer:
   """Owns the graph definition, the optimiser and the compiled step."""
 
@@ -75,6 +88,7 @@ class Trainer:
     self.tx = optax.with_extra_args_support(tx)  # passes grad_norm to the transformations that take it
     self.weights = weights
     self.mesh = mesh
+    self.update_under_cond = update_under_cond(mesh.devices.flat[0].platform)
     self.schedule = schedule
     self.grad_accum_steps = grad_accum_steps
     self.seed = seed
@@ -245,12 +259,11 @@ class Trainer:
   def _update(self, state: TrainState, metrics: dict, grads: Any) -> tuple[TrainState, dict]:
     """One optimiser update from the batch's gradients, unless the loss or the gradient is not finite.
 
-    The update runs under a `lax.cond` on that check. Selecting between new and old values leaf by leaf
-    (jnp.where) made XLA:CPU copy every old moment before overwriting it in place (its new parameters read
-    the old moments) and compute the global norm twice: smolvlm_256m's update 809 -> 557 ms on the CPU
-    (`bench/optimizer_update.py`; BENCHMARKS.md, "The optimiser update under a cond"). The gradient's norm
-    is computed once, here (`optim.global_norm`: in halves on the CPU), and handed to the optimiser's
-    clipping (`optim.clip_by_global_norm` takes it; other transformations ignore it).
+    On the CPU the update runs under a `lax.cond` on that check; elsewhere new and old values are selected
+    leaf by leaf (`update_under_cond`: a conditional on a GPU synchronises with the host). The gradient's
+    norm is computed once, here (`optim.global_norm`: in halves on the CPU), and handed to the optimiser's
+    clipping (`optim.clip_by_global_norm` takes it; other transformations ignore it; with the select, optax
+    computing it again inside made XLA:CPU run the norm twice).
     """
     grad_norm = optim.global_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
@@ -260,7 +273,11 @@ class Trainer:
       updates, opt_state = self.tx.update(grads, opt_state, params, grad_norm=grad_norm)
       return optax.apply_updates(params, updates), opt_state
 
-    params, opt_state = jax.lax.cond(finite, apply, lambda operands: operands, (state.params, state.opt_state))
+    old = (state.params, state.opt_state)
+    if self.update_under_cond:
+      params, opt_state = jax.lax.cond(finite, apply, lambda operands: operands, old)
+    else:
+      params, opt_state = jax.tree.map(lambda new, was: jnp.where(finite, new, was), apply(old), old)
     step = state.step + 1
     nonfinite = state.nonfinite_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
     first = jnp.where((state.first_nonfinite_step == 0) & ~finite, step, state.first_nonfinite_step)
