@@ -179,7 +179,7 @@ def test_update_is_the_optimiser_step_and_skips_a_nonfinite_gradient(word_tokeni
 
 def test_only_the_cpu_updates_under_a_conditional():
   """XLA:GPU copies a conditional's predicate to the host and waits for the stream: the step's update
-  selects there (and on TPUs, measured that way) instead."""
+  selects there instead (and on TPUs, where nothing was timed with the cond)."""
   assert trainer_lib.update_under_cond("cpu")
   assert not trainer_lib.update_under_cond("gpu") and not trainer_lib.update_under_cond("tpu")
 
