@@ -263,8 +263,8 @@ class Trainer:
     On the CPU the update runs under a `lax.cond` on that check; elsewhere new and old values are selected
     leaf by leaf (`update_under_cond`: a conditional on a GPU synchronises with the host). The gradient's
     norm is computed once, here (`optim.global_norm`: in halves on the CPU), and handed to the optimiser's
-    clipping (`optim.clip_by_global_norm` takes it; other transformations ignore it; with the select, optax
-    computing it again inside made XLA:CPU run the norm twice).
+    clipping (`optim.clip_by_global_norm` takes it; other transformations ignore it), not a second time
+    inside optax's clip.
     """
     grad_norm = optim.global_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
