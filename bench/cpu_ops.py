@@ -110,8 +110,7 @@ def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, he
 
   def torch_attention(scale):  # the same with PyTorch's fused kernel (grouped queries where K < N)
     def grads(q, k, v, mask):
-      out = torch.nn.functional.scaled_dot_product_attention(
-          q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True)
+      out = torch_sdpa(q, k, v, mask, scale)
       return torch.autograd.grad((out * out).sum(), [q, k, v])
     return grads
 
@@ -166,12 +165,17 @@ def cases(batch: int = 32, seq: int = 184, hidden: int = 128, ffn: int = 256, he
   return pairs
 
 
+def torch_sdpa(q, k, v, mask, scale):
+  """PyTorch's fused kernel (transformers' sdpa) on our (B, T, N, H) layout; its output is (B, N, T, H)."""
+  return torch.nn.functional.scaled_dot_product_attention(
+      q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True)
+
+
 def torch_attention_forward(scale):
   """PyTorch's fused kernel's forward, no autograd: (B, T, N, H) in and out, as ours."""
   def forward(q, k, v, mask):
     with torch.no_grad():
-      return torch.nn.functional.scaled_dot_product_attention(
-          q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale).transpose(1, 2)
+      return torch_sdpa(q, k, v, mask, scale).transpose(1, 2)
   return forward
 
 
