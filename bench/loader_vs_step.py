@@ -78,7 +78,7 @@ def main(argv=None) -> None:
   result = {
       "config": args.config, "batch_size": cfg.train.batch_size, "seq_len": job.builder.layout.seq_len,
       "text_only": job.text_only, "num_workers": cfg.data.num_workers, "device": jax.devices()[0].device_kind,
-      "image_budget": cfg.data.get("image_budget", 0), "pack_rows": job.pack_rows,
+      "image_budget": job.image_budget, "pack_rows": job.pack_rows,
       "loader_batches_per_s": round(loader_bps, 3),
       "loader_examples_per_s": round(loader_bps * cfg.train.batch_size, 2),
       "train_steps_per_s": round(steps_ps, 3), "loader_over_step": round(loader_bps / steps_ps, 2),

@@ -82,9 +82,12 @@ def synthetic_batch(layout, *, batch: int, vocab: int, image_token: int, seed: i
                     image_budget: int = 0) -> dict[str, np.ndarray]:
   """A training batch of `layout`'s shapes: histories of 1..max_history items as PixRec's windows draw them,
   every item with its text and (if the layout has images) one image, all distinct. image_budget > 0 packs
-  the images as the pipeline does (pipeline.pack_images), first trimming the longest histories to fit."""
+  the images as the pipeline does (pipeline.pack_images), first trimming the longest histories to fit;
+  -1 (data.image_budget=-1, chosen from the data): this batch's images, rounded up to a multiple of 8."""
   rng = np.random.default_rng(seed)
   histories = [int(h) for h in rng.integers(1, layout.max_history + 1, batch)]
+  if image_budget < 0:
+    image_budget = _round_up(sum(histories) + batch)
   while image_budget and sum(histories) + batch > image_budget:
     longest = max(range(batch), key=lambda j: (histories[j], -j))
     if histories[longest] == 1:
@@ -354,6 +357,7 @@ def main(argv=None) -> dict:
   image_budget = 0 if text_only else cfg.data.get("image_budget", 0)
   batch = synthetic_batch(layout, batch=batch_size, vocab=bcfg.text.vocab_size,
                           image_token=bcfg.image_token_id or 0, seed=cfg.seed, image_budget=image_budget)
+  image_budget = batch["images"].shape[0] if "image_index" in batch else 0  # resolved (-1; no images: 0)
   plain_batch = batch  # what the PyTorch reference runs: a row per prompt, as the paper's code pads them
   pack_rows = cfg.data.get("pack_rows", 0)
   if args.pack_rows:

@@ -66,13 +66,14 @@ def get_config(arg=None):
   c.data.num_workers = 0  # grain worker processes (0: in the main process)
   # > 0: a batch carries each distinct image tile once, in this many rows per global batch, so the vision tower
   # skips empty slots and repeats; a batch with more drops its longest histories' oldest items (counted).
-  # About batch_size * (max_history + 3) / 2 * 1.2 tiles (one per image); 0: every slot, B * (max_history + 1).
-  c.data.image_budget = 0
+  # -1: the most distinct tiles a batch of the first 64 shows, rounded up to 8 (here 72 of 192 slots; 0 when
+  # text_only); 0: every slot, B * (max_history + 1).
+  c.data.image_budget = -1
   # > 0: the full prompts are packed end to end into this many rows per global batch (data/packing.py): the
   # decoder skips the padding of short histories. A batch that does not fit drops its longest prompts' oldest
   # items (counted). -1: the 95th percentile of the rows the first 64 batches need; 0: a row per example.
-  c.data.pack_rows = 0
-  c.data.pack_items = False  # with pack_rows: the items read alone are packed into the same rows (one decoder pass)
+  c.data.pack_rows = -1
+  c.data.pack_items = True  # with pack_rows: the items read alone are packed into the same rows (one decoder pass)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 650

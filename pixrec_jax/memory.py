@@ -110,6 +110,8 @@ def report(cfg, workdir: str | pathlib.Path, device_memory_gib: float = 80.0) ->
       "trainable": cfg.train.trainable,
       "param_count": int(sum(math.prod(x.shape) for x in jax.tree.leaves((state.params, state.frozen)))),
       "trainable_param_count": int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))),
+      "pack_rows": int(job.pack_rows),  # data.pack_rows and data.image_budget, resolved (-1: chosen from the data)
+      "image_budget": int(job.image_budget),
       "batch_shapes": {k: list(v.shape) for k, v in abstract_batch.items()},
       "per_device_gib": {
           "arguments": arguments / GIB,

@@ -94,7 +94,9 @@ def main(workdir, data, process_id, num_processes, port):
 
   shard, shards = shd.process_batch_shard(job.mesh, cfg.train.batch_size)
   batches = iter(pipeline.train_dataset(job.splits.train, job.builder, batch_size=cfg.train.batch_size // shards,
-                                        seed=cfg.seed + 1, shard_index=shard, shard_count=shards))
+                                        seed=cfg.seed + 1, shard_index=shard, shard_count=shards,
+                                        image_budget=job.image_budget // shards, pack_rows=job.pack_rows // shards,
+                                        pack_items=job.pack_items))
   losses_after_restore = []
   for _ in range(STEPS_AFTER_RESTORE):
     restored, metrics = job.trainer.step(restored, pipeline.split_bookkeeping(next(batches))[0])

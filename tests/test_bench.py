@@ -134,7 +134,7 @@ def test_packed_prompts_take_the_fewest_rows_and_count_their_flops(monkeypatch):
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
   monkeypatch.setenv("XLA_FLAGS", "")
   args = ["--config", "configs/demo.py:text_only", "--config.model.text.num_hidden_layers=1", "--batch", "8",
-          "--warmup", "1", "--rounds", "1", "--steps", "1"]
+          "--warmup", "1", "--rounds", "1", "--steps", "1", "--config.data.pack_items=False"]
   packed = train_step.main(args + ["--pack-rows", "auto"])
   assert packed["env"] == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
   cfg, _ = config_lib.parse_args(["--config", "configs/demo.py:text_only", "--config.model.text.num_hidden_layers=1"])
@@ -155,7 +155,8 @@ def test_packed_items_take_rows_too_and_leave_no_item_pass():
   from pixrec_jax import flops
   from pixrec_jax.data import packing
 
-  base = ["--config", "configs/demo.py:text_only", "--config.model.text.num_hidden_layers=1"]
+  base = ["--config", "configs/demo.py:text_only", "--config.model.text.num_hidden_layers=1",
+          "--config.data.pack_items=False"]
   args = base + ["--batch", "8", "--warmup", "1", "--rounds", "1", "--steps", "1", "--pack-rows", "auto"]
   apart = train_step.main(args)
   together = train_step.main(args + ["--config.data.pack_items=True"])

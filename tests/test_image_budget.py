@@ -84,3 +84,49 @@ def test_shared_memory_estimate_and_warning(image_builder, small_splits, monkeyp
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     pipeline.check_shared_memory(32 << 20, "fits")
+
+
+def test_sampled_tiles_are_the_distinct_tiles_each_hosts_block_shows(image_builder, small_splits):
+  """data.image_budget=-1 counts, without reading pixels, the distinct tiles train_dataset's batches hold: for
+  each global batch and each host's block of it (here 2 hosts of 4 examples)."""
+  counts = pipeline.sampled_image_tiles(small_splits.train, image_builder, batch_size=4, seed=5, batches=3, shards=2)
+  assert counts.shape == (3, 2)
+  for host in range(2):
+    it = pipeline.train_dataset(small_splits.train, image_builder, batch_size=4, seed=5, shard_index=host,
+                                shard_count=2, image_budget=64)
+    for g, b in enumerate(itertools.islice(it, 3)):
+      assert int(b["dropped_history"].sum()) == 0
+      assert len(np.unique(b["image_index"][b["image_valid"]])) == counts[g, host], (g, host)
+  assert counts.max() < 4 * (image_builder.layout.max_history + 1)  # fewer than the slots
+
+
+def test_chosen_budget_holds_the_most_tiles_in_rows_that_split_evenly():
+  # One host: the most tiles seen, up to a multiple of 8 rows.
+  assert pipeline.choose_image_budget(np.array([[40], [71], [12]])) == 72
+  assert pipeline.choose_image_budget(np.array([[64]])) == 64
+  # 3 data-parallel devices: a multiple of 24.
+  assert pipeline.choose_image_budget(np.array([[50]]), devices=3) == 72
+  # 2 hosts of 2 devices each: 16 rows a host (the busier host's 9 tiles), 32 in all.
+  assert pipeline.choose_image_budget(np.array([[5, 9], [3, 4]]), devices=4) == 32
+  assert pipeline.choose_image_budget(np.zeros((2, 1), int)) == 8
+
+
+def test_budget_chosen_from_the_data_at_setup(tmp_path):
+  """data.image_budget=-1: setup resolves it from the data (and to 0 without images); other negatives and a
+  budget without images are errors that name the setting."""
+  from pixrec_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from pixrec_jax.train import run  # pylint: disable=import-outside-toplevel
+  small = ["--config.data.synthetic.num_users=60", "--config.train.batch_size=8", "--config.data.pack_rows=0",
+           "--config.data.pack_items=False"]
+  cfg, _ = config_lib.parse_args(["--config", "configs/demo.py", *small, "--config.data.image_budget=-1"])
+  job = run.setup(cfg, tmp_path / "images")
+  slots = 8 * (job.builder.layout.max_history + 1)
+  assert 0 < job.image_budget < slots and job.image_budget % 8 == 0
+  cfg, _ = config_lib.parse_args(["--config", "configs/demo.py:text_only", *small, "--config.data.image_budget=-1"])
+  assert run.setup(cfg, tmp_path / "text").image_budget == 0
+  cfg, _ = config_lib.parse_args(["--config", "configs/demo.py:text_only", *small, "--config.data.image_budget=16"])
+  with pytest.raises(ValueError, match=r"data.image_budget=16 is set but the prompts have no images"):
+    run.setup(cfg, tmp_path / "text2")
+  cfg, _ = config_lib.parse_args(["--config", "configs/demo.py", *small, "--config.data.image_budget=-2"])
+  with pytest.raises(ValueError, match=r"data.image_budget=-2: use a row count"):
+    run.setup(cfg, tmp_path / "bad")

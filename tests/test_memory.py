@@ -18,7 +18,10 @@ def test_report_prints_per_device_figures_and_a_json_last_line(tmp_path, capsys)
   figures = json.loads(out[-1])
   g = figures["per_device_gib"]
   assert figures["config"] == "configs/demo.py" and figures["batch_size"] == 8
-  assert figures["batch_shapes"]["full_ids"][0] == 8 and figures["batch_shapes"]["images"][0] == 8
+  # The demo packs its prompts (and items) into rows and its distinct images into an image budget, both
+  # chosen from the data: the step compiled is that of those shapes.
+  assert 0 < figures["pack_rows"] < 8 and figures["batch_shapes"]["full_ids"][0] == figures["pack_rows"]
+  assert 0 < figures["image_budget"] < 8 * 6 and figures["batch_shapes"]["images"][0] == figures["image_budget"]
   assert figures["trainable_param_count"] == figures["param_count"] > 100_000
   # AdamW keeps two float32 moments per trainable float32 parameter.
   assert g["optimizer_analytic"] == pytest.approx(2 * g["trainable_params_analytic"], rel=1e-3)

@@ -214,16 +214,17 @@ def main_runs(tmp_path_factory):
   def get(options):
     if options not in done:
       workdir = tmp_path_factory.mktemp("main")
-      cfg = _tiny_cfg(*(o for o in options if o != "packed"))
-      if "packed" in options:  # rows chosen from the data (data.pack_rows=-1)
-        config_lib.override(cfg, "data.pack_rows", "-1")
+      cfg = _tiny_cfg(*(o for o in options if o != "unpacked"))
+      if "unpacked" in options:  # a row per example (the demo's default packs, rows chosen from the data)
+        config_lib.override(cfg, "data.pack_rows", "0")
+        config_lib.override(cfg, "data.pack_items", "False")
       done[options] = workdir, train_and_evaluate(cfg, workdir)
     return done[options]
 
   return get
 
 
-@pytest.mark.parametrize("options", [(), ("text_only", "packed")])
+@pytest.mark.parametrize("options", [(), ("text_only", "unpacked")])
 def test_main_job_writes_metrics_for_both_splits(main_runs, options):
   workdir, out = main_runs(options)
   written = json.loads((workdir / "metrics.json").read_text())
@@ -235,8 +236,11 @@ def test_main_job_writes_metrics_for_both_splits(main_runs, options):
     assert written["report"]["splits"][split]["users"] == 60
     assert written["report"]["splits"][split]["mask_history"] is True
   assert written["report"]["text_only"] == bool(options)
-  # Packed: fewer rows than the batch's 8 prompts, a multiple of the data-parallel devices (1 here).
-  assert (0 < written["report"]["pack_rows"] < 8) == ("packed" in options)
+  # Packed: fewer rows than the batch's 8 prompts, a multiple of the data-parallel devices (1 here); the
+  # distinct images in fewer rows than the batch's 48 image slots (none without images).
+  packed, images = "unpacked" not in options, "text_only" not in options
+  assert (0 < written["report"]["pack_rows"] < 8) == packed
+  assert (0 < written["report"]["image_budget"] < 48) == images
   log = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
   assert [r["step"] for r in log] == [3, 6]
   assert all(np.isfinite(r["loss"]) for r in log)

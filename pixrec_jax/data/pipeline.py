@@ -250,6 +250,37 @@ def sampled_prompt_lengths(train: Sequence[tuple[int, np.ndarray]], builder: Pro
   return np.asarray(out)
 
 
+def sampled_image_tiles(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, *, batch_size: int,
+                        seed: int, batches: int, shards: int = 1) -> np.ndarray:
+  """(batches, shards): the distinct image tiles each host's block of the first global training batches
+  shows (batch_size per host), as train_dataset draws them (same windows, no pixels read). The same on
+  every host."""
+  if builder.layout.text_only:
+    return np.zeros((batches, shards), np.int64)
+  ds = _windows(train, builder, seed).batch(batch_size, batch_fn=list)
+  out = np.zeros((batches, shards), np.int64)
+  for g in range(batches):
+    for h in range(shards):
+      keys = set()
+      for w in ds[g * shards + h]:
+        dropped = int(builder.train_example(w.history, w.target, pixels=False)["dropped_history"])
+        keys.update(_slot_tiles(builder, w.history, w.target, dropped))
+      out[g, h] = len(keys)
+  return out
+
+
+def choose_image_budget(tiles: np.ndarray, *, devices: int = 1, multiple: int = 8) -> int:
+  """Rows for data.image_budget=-1 from sampled_image_tiles' (batches, shards) counts: the most any host's
+  block of a sampled batch shows, rounded up to a multiple of `multiple` rows a host and so that the
+  global rows split evenly over the data-parallel `devices`; the global budget (hosts x that). A later
+  batch with more distinct tiles drops history items (counted)."""
+  tiles = np.asarray(tiles)
+  shards = tiles.shape[1]
+  step = np.lcm(multiple, devices // np.gcd(devices, shards))
+  per_host = -(-max(int(tiles.max()), 1) // step) * step
+  return int(per_host * shards)
+
+
 def batch_nbytes(layout, batch_size: int, image_budget: int = 0) -> int:
   """About the bytes of one training batch of this layout: the pixels (uint8 packed rows, or float32
   slots) and the int32 token arrays."""

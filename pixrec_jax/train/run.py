@@ -124,6 +124,7 @@ class Job:
   text_only: bool
   pack_rows: int = 0  # data.pack_rows, resolved (-1: chosen from the data)
   pack_items: bool = False  # data.pack_items: the item pass packed into those rows too
+  image_budget: int = 0  # data.image_budget, resolved (-1: chosen from the data; 0 without images)
 
   @property
   def is_main(self) -> bool:
@@ -134,8 +135,10 @@ class Job:
 PACK_SAMPLE_BATCHES = 64
 
 
-def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
-  """Data, tokenizer, prompt layout, mesh, model and optimiser."""
+def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training: bool = True) -> Job:
+  """Data, tokenizer, prompt layout, mesh, model and optimiser. training=False (a trained model restored to
+  rank, recommend or export): the training batches' packing (data.image_budget, data.pack_rows) is left
+  unresolved, 0, as nothing will draw them."""
   config_lib.check_required(cfg)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -164,11 +167,29 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
   mesh = shd.make_mesh(**cfg.mesh.to_dict())
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   accum = cfg.train.get("grad_accum_steps", 1)
-  image_budget = cfg.data.get("image_budget", 0)
+  image_budget = cfg.data.get("image_budget", 0) if training else 0
+  if image_budget < 0:
+    if image_budget != -1:
+      raise ValueError(f"data.image_budget={image_budget}: use a row count, 0 (every image slot) or -1 (chosen "
+                       "from the data)")
+    image_budget = 0
+    if spec:
+      _, shards = shd.process_batch_shard(mesh, cfg.train.batch_size)
+      tiles = pipeline.sampled_image_tiles(splits.train, builder, batch_size=cfg.train.batch_size // shards,
+                                           seed=cfg.seed, batches=PACK_SAMPLE_BATCHES, shards=shards)
+      image_budget = pipeline.choose_image_budget(tiles, devices=dp)
+      if jax.process_index() == 0:
+        slots = cfg.train.batch_size * layout.image_slots * (layout.max_history + 1)
+        print(f"pixrec_jax: data.image_budget=-1 encodes {image_budget} image rows a batch of {cfg.train.batch_size} "
+              f"(at most {int(tiles.max())} distinct tiles in a host's block of the first {PACK_SAMPLE_BATCHES} "
+              f"batches; {slots} image slots unpacked)", flush=True)
+  elif image_budget and not spec:
+    raise ValueError(f"data.image_budget={image_budget} is set but the prompts have no images "
+                     f"({'pixrec.text_only' if text_only else 'a text-only backbone'}): use 0 or -1")
   if image_budget % dp:
     raise ValueError(f"data.image_budget={image_budget} rows do not split evenly over {dp} data-parallel devices")
-  pack_rows = cfg.data.get("pack_rows", 0)
-  pack_items = bool(cfg.data.get("pack_items", False))
+  pack_rows = cfg.data.get("pack_rows", 0) if training else 0
+  pack_items = bool(cfg.data.get("pack_items", False)) and training
   if pack_items and not pack_rows:
     raise ValueError("data.pack_items packs the item pass into the full pass's packed rows: set data.pack_rows too "
                      "(a row count, or -1)")
@@ -223,7 +244,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Job:
     raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum_steps={accum}")
   trainer = Trainer(model_fn, tx, trainable, weights, mesh, sched, grad_accum_steps=accum,
                     freeze=cfg.train.get("freeze", ()), seed=cfg.seed)
-  return Job(cfg, workdir, dataset, splits, builder, mesh, trainer, steps, text_only, pack_rows, pack_items)
+  return Job(cfg, workdir, dataset, splits, builder, mesh, trainer, steps, text_only, pack_rows, pack_items,
+             image_budget)
 
 
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"  # e.g. "always [madvise] never"
@@ -272,7 +294,7 @@ def _train_iterator(job: Job):
   return iter(pipeline.train_dataset(job.splits.train, job.builder, batch_size=cfg.train.batch_size // shards,
                                      seed=cfg.seed, shard_index=shard, shard_count=shards,
                                      num_workers=cfg.data.num_workers,
-                                     image_budget=cfg.data.get("image_budget", 0) // shards,
+                                     image_budget=job.image_budget // shards,
                                      pack_rows=job.pack_rows // shards,
                                      pack_groups=cfg.train.get("grad_accum_steps", 1),
                                      pack_items=job.pack_items))
@@ -330,7 +352,7 @@ def step_flops(job: Job) -> float | None:
   """Analytic FLOPs of one global train step (pixrec_jax.flops); None for a mode it does not count."""
   bcfg = zoo.backbone_config(job.cfg.model, job.builder.tokenizer)
   shapes = flops.step_shapes(job.builder.layout, job.cfg.train.batch_size,
-                             images=job.cfg.data.get("image_budget", 0) or None,
+                             images=job.image_budget or None,
                              full_rows=job.pack_rows or None, items_packed=job.pack_items)
   try:
     return flops.train_flops(bcfg, shapes, proj_dim=job.cfg.pixrec.proj_dim, trainable=job.cfg.train.trainable,
@@ -411,7 +433,8 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
         preempted_at = step
         break
   summary = {"train_steps": job.steps, "train_seconds": round(time.perf_counter() - start, 2),
-             "final_train_metrics": last, "dropped_history_items": dropped, "pack_rows": job.pack_rows}
+             "final_train_metrics": last, "dropped_history_items": dropped, "pack_rows": job.pack_rows,
+             "image_budget": job.image_budget}
   if preempted_at is not None:
     summary["preempted_at_step"] = preempted_at
   return state, summary
@@ -570,7 +593,7 @@ def restore_trained(workdir: str | pathlib.Path, step: str | int = "best") -> Tr
   step, why = ckpt.resolve(step)
   cfg = ml_collections.ConfigDict(ckpt.read_config(step))
   check_config_paths(cfg, f"{ckpt.directory / str(step)} config")
-  job = setup(cfg, workdir)
+  job = setup(cfg, workdir, training=False)
   abstract = job.trainer.abstract_state
   params, frozen = ckpt.restore_model(step, abstract.params, abstract.frozen, config=cfg.to_dict())
   return Trained(job, params, frozen, step, why)
