@@ -32,4 +32,10 @@ def get_config(arg=None):
     c.model = zoo.model_section("paligemma2_3b_224")
     c.model.scan_layers = True  # 26 + 27 layers compile as one of each
     c.model.remat = "minimal"  # keep the weight matmuls' outputs, recompute attention: 3B at 256 tokens per image
+    # A row per prompt and every image slot, as this config's recorded benchmarks ran (their packed rows name
+    # data.image_budget / data.pack_rows / --pack-rows explicitly); the demo itself packs by default
+    # (data.image_budget=-1, data.pack_rows=-1, data.pack_items=True), and so can a run of this config.
+    c.data.image_budget = 0
+    c.data.pack_rows = 0
+    c.data.pack_items = False
   return c
