@@ -101,14 +101,18 @@ def test_sampled_tiles_are_the_distinct_tiles_each_hosts_block_shows(image_build
 
 
 def test_chosen_budget_holds_the_most_tiles_in_rows_that_split_evenly():
+  choose = pipeline.choose_image_budget
   # One host: the most tiles seen, up to a multiple of 8 rows.
-  assert pipeline.choose_image_budget(np.array([[40], [71], [12]])) == 72
-  assert pipeline.choose_image_budget(np.array([[64]])) == 64
+  assert choose(np.array([[40], [71], [12]]), slots=192) == 72
+  assert choose(np.array([[64]]), slots=192) == 64
   # 3 data-parallel devices: a multiple of 24.
-  assert pipeline.choose_image_budget(np.array([[50]]), devices=3) == 72
+  assert choose(np.array([[50]]), slots=192, devices=3) == 72
   # 2 hosts of 2 devices each: 16 rows a host (the busier host's 9 tiles), 32 in all.
-  assert pipeline.choose_image_budget(np.array([[5, 9], [3, 4]]), devices=4) == 32
-  assert pipeline.choose_image_budget(np.zeros((2, 1), int)) == 8
+  assert choose(np.array([[5, 9], [3, 4]]), slots=24, devices=4) == 32
+  assert choose(np.zeros((2, 1), int), slots=192) == 8
+  # Never more rows than the slots (the paper's batch of 1: 6 slots, not 8 rows).
+  assert choose(np.array([[5]]), slots=6) == 6
+  assert choose(np.array([[5, 6]]), slots=6, devices=2) == 12
 
 
 def test_budget_chosen_from_the_data_at_setup(tmp_path):

@@ -182,3 +182,21 @@ def test_rows_chosen_from_the_data_are_those_the_training_batches_need(image_bui
   assert grouped % 4 == 0 and grouped >= max(sum(packing.fewest_rows(list(b[j::2]), s) for j in (0, 1))
                                              for b in lengths)
   assert packing.choose_rows(np.full((2, 8), s), s) == 8  # never more rows than examples
+
+
+@pytest.mark.parametrize("batch,items", [(1, False), (8, True)])
+def test_rows_chosen_from_the_data_take_the_items_only_where_that_reads_fewer_tokens(tmp_path, batch, items):
+  """data.pack_rows=-1 with data.pack_items: a batch of 1 (the paper's) would need a second row of seq_len for
+  its item, more than the item pass's one of item_len, so its items stay apart; at 8 they share the rows."""
+  from pixrec_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from pixrec_jax.train import run  # pylint: disable=import-outside-toplevel
+  cfg, _ = config_lib.parse_args(["--config", "configs/demo.py", "--config.data.synthetic.num_users=60",
+                                  f"--config.train.batch_size={batch}", "--config.data.pack_rows=-1",
+                                  "--config.data.pack_items=True", "--config.data.image_budget=0"])
+  job = run.setup(cfg, tmp_path)
+  layout = job.builder.layout
+  assert job.pack_items == items
+  if items:
+    assert job.pack_rows * layout.seq_len < batch * (layout.seq_len + layout.item_len)
+  else:
+    assert job.pack_rows == 1

@@ -269,16 +269,17 @@ def sampled_image_tiles(train: Sequence[tuple[int, np.ndarray]], builder: Prompt
   return out
 
 
-def choose_image_budget(tiles: np.ndarray, *, devices: int = 1, multiple: int = 8) -> int:
+def choose_image_budget(tiles: np.ndarray, *, slots: int, devices: int = 1, multiple: int = 8) -> int:
   """Rows for data.image_budget=-1 from sampled_image_tiles' (batches, shards) counts: the most any host's
   block of a sampled batch shows, rounded up to a multiple of `multiple` rows a host and so that the
-  global rows split evenly over the data-parallel `devices`; the global budget (hosts x that). A later
-  batch with more distinct tiles drops history items (counted)."""
+  global rows split evenly over the data-parallel `devices`, but never more than a host's `slots` (its
+  examples x image slots each: those always fit, and split as its examples do); the global budget (hosts x
+  that). A later batch with more distinct tiles drops history items (counted)."""
   tiles = np.asarray(tiles)
   shards = tiles.shape[1]
   step = np.lcm(multiple, devices // np.gcd(devices, shards))
   per_host = -(-max(int(tiles.max()), 1) // step) * step
-  return int(per_host * shards)
+  return int(min(per_host, slots) * shards)
 
 
 def batch_nbytes(layout, batch_size: int, image_budget: int = 0) -> int:

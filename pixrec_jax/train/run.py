@@ -177,9 +177,9 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training:
       _, shards = shd.process_batch_shard(mesh, cfg.train.batch_size)
       tiles = pipeline.sampled_image_tiles(splits.train, builder, batch_size=cfg.train.batch_size // shards,
                                            seed=cfg.seed, batches=PACK_SAMPLE_BATCHES, shards=shards)
-      image_budget = pipeline.choose_image_budget(tiles, devices=dp)
+      slots = cfg.train.batch_size * layout.image_slots * (layout.max_history + 1)
+      image_budget = pipeline.choose_image_budget(tiles, slots=slots // shards, devices=dp)
       if jax.process_index() == 0:
-        slots = cfg.train.batch_size * layout.image_slots * (layout.max_history + 1)
         print(f"pixrec_jax: data.image_budget=-1 encodes {image_budget} image rows a batch of {cfg.train.batch_size} "
               f"(at most {int(tiles.max())} distinct tiles in a host's block of the first {PACK_SAMPLE_BATCHES} "
               f"batches; {slots} image slots unpacked)", flush=True)
@@ -198,14 +198,23 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training:
       raise ValueError(f"data.pack_rows={pack_rows}: use a row count, 0 (no packing) or -1 (chosen from the data)")
     lengths = pipeline.sampled_prompt_lengths(splits.train, builder, batch_size=cfg.train.batch_size, seed=cfg.seed,
                                               batches=PACK_SAMPLE_BATCHES, items=pack_items)
-    pack_rows = packing.choose_rows(lengths, layout.seq_len, groups=accum,
-                                    multiple=math.lcm(dp, jax.process_count()))
+    choose = lambda x: packing.choose_rows(x, layout.seq_len, groups=accum, multiple=math.lcm(dp, jax.process_count()))
+    pack_rows = choose(lengths)
     prompts = lengths[:, :cfg.train.batch_size]
+    items_note = ""
+    if pack_items:
+      # The items ride in the rows only where that reads fewer tokens than the item pass would (a batch of
+      # 1, say, needs a second row of seq_len for its item, against one of item_len apart).
+      alone = choose(prompts)
+      if pack_rows * layout.seq_len > alone * layout.seq_len + cfg.train.batch_size * layout.item_len:
+        items_note = (f"; its items apart, as in {pack_rows} rows with them the decoder would read more tokens than "
+                      f"{alone} rows and the item pass (data.pack_items off)")
+        pack_rows, pack_items = alone, False
     if jax.process_index() == 0:
       real = 100 * prompts.sum() / (prompts.size * layout.seq_len)
       print(f"pixrec_jax: data.pack_rows=-1 packs batches of {cfg.train.batch_size} prompts "
-            f"{'and their items ' if pack_items else ''}into {pack_rows} rows ({real:.0f}% of the unpacked prompts' "
-            f"tokens are real in the first {PACK_SAMPLE_BATCHES} batches)", flush=True)
+            f"{'and their items ' if pack_items else ''}into {pack_rows} row{'s' * (pack_rows != 1)} ({real:.0f}% of the unpacked prompts' "
+            f"tokens are real in the first {PACK_SAMPLE_BATCHES} batches){items_note}", flush=True)
   if pack_rows:
     if pack_rows % dp:
       raise ValueError(f"data.pack_rows={pack_rows} rows do not split evenly over {dp} data-parallel devices")
@@ -434,7 +443,7 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
         break
   summary = {"train_steps": job.steps, "train_seconds": round(time.perf_counter() - start, 2),
              "final_train_metrics": last, "dropped_history_items": dropped, "pack_rows": job.pack_rows,
-             "image_budget": job.image_budget}
+             "pack_items": job.pack_items, "image_budget": job.image_budget}
   if preempted_at is not None:
     summary["preempted_at_step"] = preempted_at
   return state, summary
