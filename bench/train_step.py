@@ -83,11 +83,12 @@ def synthetic_batch(layout, *, batch: int, vocab: int, image_token: int, seed: i
   """A training batch of `layout`'s shapes: histories of 1..max_history items as PixRec's windows draw them,
   every item with its text and (if the layout has images) one image, all distinct. image_budget > 0 packs
   the images as the pipeline does (pipeline.pack_images), first trimming the longest histories to fit;
-  -1 (data.image_budget=-1, chosen from the data): this batch's images, rounded up to a multiple of 8."""
+  -1 (data.image_budget=-1, chosen from the data): this batch's images, rounded up to a multiple of 8 (at
+  most the batch's image slots)."""
   rng = np.random.default_rng(seed)
   histories = [int(h) for h in rng.integers(1, layout.max_history + 1, batch)]
-  if image_budget < 0:
-    image_budget = _round_up(sum(histories) + batch)
+  if image_budget < 0:  # never more rows than slots (pipeline.choose_image_budget)
+    image_budget = min(_round_up(sum(histories) + batch), batch * (layout.max_history + 1) * layout.image_slots)
   while image_budget and sum(histories) + batch > image_budget:
     longest = max(range(batch), key=lambda j: (histories[j], -j))
     if histories[longest] == 1:
@@ -370,6 +371,12 @@ def main(argv=None) -> dict:
     lengths = packing.segment_lengths(batch["full_mask"], batch["item_mask"] if pack_items else None)
     if pack_rows < 0:  # auto, or data.pack_rows=-1 (chosen from the data): here, this batch's fewest rows
       pack_rows = packing.fewest_rows(lengths, layout.seq_len)
+      alone = packing.fewest_rows(lengths[:batch_size], layout.seq_len) if pack_items else pack_rows
+      if not packing.items_pay(pack_rows, alone, batch=batch_size, seq_len=layout.seq_len,
+                               item_len=layout.item_len):  # as pixrec_jax.train.run.setup
+        print(f"the items stay apart: {pack_rows} rows with them read more tokens than {alone} and the item pass")
+        pack_rows, pack_items = alone, False
+        lengths = lengths[:batch_size]
     plan = packing.plan_rows(lengths, pack_rows, layout.seq_len)
     if plan is None:
       raise ValueError(f"data.pack_rows={pack_rows} rows cannot hold this batch's prompts"

@@ -66,6 +66,11 @@ def test_synthetic_batch_has_one_image_block_per_valid_slot(style, image_seq_len
   rows = packed["image_index"][packed["image_valid"]]
   np.testing.assert_array_equal(rows, np.arange(len(rows)))
   np.testing.assert_allclose(packed["pixel_lut"][:, [0, 255]], [[-1, 1]] * 3)
+  # data.image_budget=-1: the batch's own images rounded up to 8 rows, never more rows than its slots.
+  chosen = train_step.synthetic_batch(layout, batch=16, vocab=96, image_token=3, seed=1, image_budget=-1)
+  assert chosen["images"].shape[0] == -(-int(packed["image_valid"].sum()) // 8) * 8
+  one = train_step.synthetic_batch(layout, batch=1, vocab=96, image_token=3, seed=1, image_budget=-1)
+  assert one["images"].shape[0] == one["image_valid"].size == layout.max_history + 1
 
 
 def test_train_step_never_waits_for_the_device():

@@ -197,6 +197,13 @@ def fewest_rows(lengths: Sequence[int], seq_len: int) -> int:
   return rows
 
 
+def items_pay(rows_with_items: int, rows_alone: int, *, batch: int, seq_len: int, item_len: int) -> bool:
+  """Whether the items read alone, packed into the rows (data.pack_items), cost the decoder no more tokens
+  than the rows without them plus the separate item pass of (batch, item_len). A batch of 1, say, needs
+  a second row of seq_len for its item: they do not pay there."""
+  return rows_with_items * seq_len <= rows_alone * seq_len + batch * item_len
+
+
 def choose_rows(lengths: np.ndarray, seq_len: int, *, groups: int = 1, multiple: int = 1,
                 quantile: float = 0.95) -> int:
   """Rows for data.pack_rows=-1: the `quantile` of the fewest rows each sampled batch of prompt `lengths`

@@ -203,10 +203,9 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training:
     prompts = lengths[:, :cfg.train.batch_size]
     items_note = ""
     if pack_items:
-      # The items ride in the rows only where that reads fewer tokens than the item pass would (a batch of
-      # 1, say, needs a second row of seq_len for its item, against one of item_len apart).
       alone = choose(prompts)
-      if pack_rows * layout.seq_len > alone * layout.seq_len + cfg.train.batch_size * layout.item_len:
+      if not packing.items_pay(pack_rows, alone, batch=cfg.train.batch_size, seq_len=layout.seq_len,
+                               item_len=layout.item_len):
         items_note = (f"; its items apart, as in {pack_rows} rows with them the decoder would read more tokens than "
                       f"{alone} rows and the item pass (data.pack_items off)")
         pack_rows, pack_items = alone, False
