@@ -2,7 +2,12 @@
 
 Runs with no download: the data, its images and its tokenizer are generated
 locally (pixrec_jax.data.synthetic), the backbone is a small randomly initialised
-SmolVLM-family model. Options (comma separated after the colon):
+SmolVLM-family model. Its train step packs each batch: prompts and their items end to end into rows, each
+distinct image once into an image budget, both sized from the data (data.pack_rows=-1, data.image_budget=-1;
+the same outputs as a row per prompt, but for the few history items dropped where a batch does not fit,
+counted in metrics.json; README, "Speed switches"). --config.data.pack_rows=0
+--config.data.pack_items=False --config.data.image_budget=0 trains a row per prompt, as the paper's code does.
+Options (comma separated after the colon):
   text_only  the text-only baseline: same backbone and data, no images anywhere
   paper      the PixRec reference code's loss weights and optimiser (see presets)
   lora       the paper's LoRA: r=8, alpha 8, dropout 0.1 on the decoder MLP linears; base frozen
