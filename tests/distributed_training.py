@@ -3,7 +3,9 @@
   python -m tests.distributed_training WORKDIR DATA PROCESS_ID NUM_PROCESSES DEVICES PORT
 
 Used by test_distributed.py, which starts NUM_PROCESSES of these (each with DEVICES
-CPU devices) and compares them with one process holding all the devices. Each
+CPU devices) and compares them with one process holding all the devices. The config is
+the demo's as it is, images included: each host packs its block's prompts, items and
+distinct images into the rows that data.pack_rows=-1 and data.image_budget=-1 choose. Each
 process trains through the main job's own code (per-host input, global batches,
 process 0 writes the log), evaluates (and saves the embeddings it ranked), saves
 the train state with orbax from every process, restores it, checks it against
@@ -46,7 +48,7 @@ def config(workdir, data, process_id, num_processes, port):
                       "distributed.num_processes": num_processes, "distributed.process_id": process_id})
   else:
     overrides["distributed.enabled"] = "false"
-  argv = ["--config", "configs/demo.py:text_only", "--workdir", workdir] + [f"--config.{k}={v}" for k, v in overrides.items()]
+  argv = ["--config", "configs/demo.py", "--workdir", workdir] + [f"--config.{k}={v}" for k, v in overrides.items()]
   return config_lib.parse_args(argv)[0]
 
 
