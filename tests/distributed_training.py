@@ -106,6 +106,7 @@ def main(workdir, data, process_id, num_processes, port):
   print(json.dumps({
       "process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
       "local_devices": jax.local_device_count(), "rows": [shard, shards],
+      "image_budget": job.image_budget, "pack_rows": job.pack_rows, "pack_items": job.pack_items,
       "eval": results, "eval_users": {split: report["users"] for split, report in reports.items()},
       "restored_equal": bool(same), "restored_shardings_equal": same_shardings,
       "arrays_sharded_across_processes": int(sharded_across_processes),

@@ -66,6 +66,12 @@ def test_two_processes_train_like_one_with_all_devices(runs):
   assert [(r["process"], r["processes"], r["devices"], r["local_devices"]) for r in multi] == [(0, 2, 4, 2),
                                                                                                (1, 2, 4, 2)]
   assert [r["rows"] for r in multi] == [[0, 2], [1, 2]]  # each host read its half of every batch
+  # The demo's packing, chosen from the data on each host alike: image rows (at most the batch's 8 x 4
+  # slots) and packed rows (fewer than its 8 prompts and 8 items), split evenly over the processes.
+  packing = {(r["image_budget"], r["pack_rows"], r["pack_items"]) for r in multi}
+  assert len(packing) == 1
+  budget, rows, _ = packing.pop()
+  assert 0 < budget <= 32 and budget % 2 == 0 and 0 < rows < 16 and rows % 2 == 0
   # Only process 0 logs: one line per step, not one per process.
   want = _losses(tmp / "single")
   assert len(want) == 3
