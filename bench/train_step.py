@@ -87,8 +87,10 @@ def synthetic_batch(layout, *, batch: int, vocab: int, image_token: int, seed: i
   most the batch's image slots)."""
   rng = np.random.default_rng(seed)
   histories = [int(h) for h in rng.integers(1, layout.max_history + 1, batch)]
-  if image_budget < 0:  # never more rows than slots (pipeline.choose_image_budget)
-    image_budget = min(_round_up(sum(histories) + batch), batch * (layout.max_history + 1) * layout.image_slots)
+  if image_budget < 0:  # as pixrec_jax.train.run.setup chooses it, from this one batch's images (all distinct)
+    from pixrec_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    image_budget = pipeline.choose_image_budget(np.array([[sum(histories) + batch]]),
+                                                slots=batch * (layout.max_history + 1) * layout.image_slots)
   while image_budget and sum(histories) + batch > image_budget:
     longest = max(range(batch), key=lambda j: (histories[j], -j))
     if histories[longest] == 1:

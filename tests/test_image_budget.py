@@ -89,7 +89,8 @@ def test_shared_memory_estimate_and_warning(image_builder, small_splits, monkeyp
 def test_sampled_tiles_are_the_distinct_tiles_each_hosts_block_shows(image_builder, small_splits):
   """data.image_budget=-1 counts, without reading pixels, the distinct tiles train_dataset's batches hold: for
   each global batch and each host's block of it (here 2 hosts of 4 examples)."""
-  counts = pipeline.sampled_image_tiles(small_splits.train, image_builder, batch_size=4, seed=5, batches=3, shards=2)
+  sample = pipeline.sampled_examples(small_splits.train, image_builder, batch_size=8, seed=5, batches=3)
+  counts = pipeline.sampled_image_tiles(sample, image_builder, shards=2)
   assert counts.shape == (3, 2)
   for host in range(2):
     it = pipeline.train_dataset(small_splits.train, image_builder, batch_size=4, seed=5, shard_index=host,

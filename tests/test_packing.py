@@ -171,7 +171,8 @@ def test_a_batch_packed_for_other_microbatches_is_refused(image_builder, small_s
 def test_rows_chosen_from_the_data_are_those_the_training_batches_need(image_builder, small_splits):
   """data.pack_rows=-1: the sampled lengths are the training batches' own, and the rows are a quantile of
   the fewest each batch fits, per microbatch group, rounded to the devices."""
-  lengths = pipeline.sampled_prompt_lengths(small_splits.train, image_builder, batch_size=8, seed=5, batches=4)
+  sample = pipeline.sampled_examples(small_splits.train, image_builder, batch_size=8, seed=5, batches=4)
+  lengths = pipeline.sampled_prompt_lengths(sample)
   plain = _batches(image_builder, small_splits, 4)
   np.testing.assert_array_equal(lengths, [b["full_mask"].sum(axis=1) for b in plain])
   s = image_builder.layout.seq_len

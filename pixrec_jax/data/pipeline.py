@@ -236,35 +236,36 @@ def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilde
   return it
 
 
-def sampled_prompt_lengths(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, *, batch_size: int,
-                           seed: int, batches: int, items: bool = False) -> np.ndarray:
-  """(batches, batch_size): the full prompts' lengths of the first global training batches, as
-  train_dataset draws them (same windows, no pixels read). The same on every host. items: (batches,
+def sampled_examples(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, *, batch_size: int,
+                     seed: int, batches: int) -> list[list[tuple[Window, dict[str, np.ndarray]]]]:
+  """The first `batches` global training batches of `batch_size` as train_dataset draws them (same windows):
+  each window with its example, no pixels read. The same on every host. data.pack_rows=-1 and
+  data.image_budget=-1 read their counts from one such sample (sampled_prompt_lengths, sampled_image_tiles)."""
+  ds = _windows(train, builder, seed).batch(batch_size, batch_fn=list)
+  return [[(w, builder.train_example(w.history, w.target, pixels=False)) for w in ds[i]] for i in range(batches)]
+
+
+def sampled_prompt_lengths(sample: list[list[tuple[Window, dict]]], items: bool = False) -> np.ndarray:
+  """(batches, batch_size): the full prompts' lengths of sampled_examples' batches. items: (batches,
   2 x batch_size), each batch's packing.segment_lengths with its items (data.pack_items)."""
-  ds = _windows(train, builder, seed).batch(batch_size, batch_fn=list)
-  out = []
-  for i in range(batches):
-    batch = [builder.train_example(w.history, w.target, pixels=False) for w in ds[i]]
-    out.append(packing.segment_lengths([e["full_mask"] for e in batch],
-                                       [e["item_mask"] for e in batch] if items else None))
-  return np.asarray(out)
+  return np.asarray([packing.segment_lengths([e["full_mask"] for _, e in batch],
+                                             [e["item_mask"] for _, e in batch] if items else None)
+                     for batch in sample])
 
 
-def sampled_image_tiles(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, *, batch_size: int,
-                        seed: int, batches: int, shards: int = 1) -> np.ndarray:
-  """(batches, shards): the distinct image tiles each host's block of the first global training batches
-  shows (batch_size per host), as train_dataset draws them (same windows, no pixels read). The same on
-  every host."""
+def sampled_image_tiles(sample: list[list[tuple[Window, dict]]], builder: PromptBuilder,
+                        shards: int = 1) -> np.ndarray:
+  """(batches, shards): the distinct image tiles each host's block (of `shards` equal blocks, as
+  train_dataset gives the hosts) of sampled_examples' batches shows."""
+  out = np.zeros((len(sample), shards), np.int64)
   if builder.layout.text_only:
-    return np.zeros((batches, shards), np.int64)
-  ds = _windows(train, builder, seed).batch(batch_size, batch_fn=list)
-  out = np.zeros((batches, shards), np.int64)
-  for g in range(batches):
+    return out
+  for g, batch in enumerate(sample):
+    n = len(batch) // shards
     for h in range(shards):
       keys = set()
-      for w in ds[g * shards + h]:
-        dropped = int(builder.train_example(w.history, w.target, pixels=False)["dropped_history"])
-        keys.update(_slot_tiles(builder, w.history, w.target, dropped))
+      for w, e in batch[h * n:(h + 1) * n]:
+        keys.update(_slot_tiles(builder, w.history, w.target, int(e["dropped_history"])))
       out[g, h] = len(keys)
   return out
 

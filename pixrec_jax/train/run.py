@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -167,6 +168,9 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training:
   mesh = shd.make_mesh(**cfg.mesh.to_dict())
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   accum = cfg.train.get("grad_accum_steps", 1)
+  # The first training batches, drawn once for whichever of the two -1 settings needs them.
+  sampled = functools.cache(lambda: pipeline.sampled_examples(splits.train, builder, batch_size=cfg.train.batch_size,
+                                                              seed=cfg.seed, batches=PACK_SAMPLE_BATCHES))
   image_budget = cfg.data.get("image_budget", 0) if training else 0
   if image_budget < 0:
     if image_budget != -1:
@@ -175,8 +179,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training:
     image_budget = 0
     if spec:
       _, shards = shd.process_batch_shard(mesh, cfg.train.batch_size)
-      tiles = pipeline.sampled_image_tiles(splits.train, builder, batch_size=cfg.train.batch_size // shards,
-                                           seed=cfg.seed, batches=PACK_SAMPLE_BATCHES, shards=shards)
+      tiles = pipeline.sampled_image_tiles(sampled(), builder, shards=shards)
       slots = cfg.train.batch_size * layout.image_slots * (layout.max_history + 1)
       image_budget = pipeline.choose_image_budget(tiles, slots=slots // shards, devices=dp)
       if jax.process_index() == 0:
@@ -196,8 +199,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training:
   if pack_rows < 0:
     if pack_rows != -1:
       raise ValueError(f"data.pack_rows={pack_rows}: use a row count, 0 (no packing) or -1 (chosen from the data)")
-    lengths = pipeline.sampled_prompt_lengths(splits.train, builder, batch_size=cfg.train.batch_size, seed=cfg.seed,
-                                              batches=PACK_SAMPLE_BATCHES, items=pack_items)
+    lengths = pipeline.sampled_prompt_lengths(sampled(), items=pack_items)
     choose = lambda x: packing.choose_rows(x, layout.seq_len, groups=accum, multiple=math.lcm(dp, jax.process_count()))
     pack_rows = choose(lengths)
     prompts = lengths[:, :cfg.train.batch_size]
