@@ -90,14 +90,14 @@ def synthetic_batch(layout, *, batch: int, vocab: int, image_token: int, seed: i
   if image_budget < 0:  # as pixrec_jax.train.run.setup chooses it, from this one batch's images (all distinct)
     from pixrec_jax.data import pipeline  # pylint: disable=import-outside-toplevel
     image_budget = pipeline.choose_image_budget(np.array([[sum(histories) + batch]]),
-                                                slots=batch * (layout.max_history + 1) * layout.image_slots)
+                                                slots=batch * layout.example_image_slots)
   while image_budget and sum(histories) + batch > image_budget:
     longest = max(range(batch), key=lambda j: (histories[j], -j))
     if histories[longest] == 1:
       raise ValueError(f"data.image_budget={image_budget} is too small for {batch} examples with images")
     histories[longest] -= 1
   t = layout.image_seq_len
-  slots = 0 if layout.text_only else (layout.max_history + 1) * layout.image_slots
+  slots = layout.example_image_slots
   words = lambda n: [int(x) for x in (rng.integers(image_token + 1, vocab, n) if image_token + 1 < vocab
                                       else rng.integers(0, image_token, n))]
   marks = layout.style == "idefics3"  # <fake_token_around_image> <global-img> ... <fake_token_around_image>

@@ -81,7 +81,7 @@ def step_shapes(layout, batch: int, images: int | None = None, full_rows: int | 
   """StepShapes of an `examples.Layout`; `images` defaults to every image slot of the batch, `full_rows`
   to one row per example."""
   if images is None:
-    images = 0 if layout.text_only else batch * (layout.max_history + 1) * layout.image_slots
+    images = 0 if layout.text_only else batch * layout.example_image_slots
   return StepShapes(batch=batch, seq_len=layout.seq_len, item_len=layout.item_len,
                     nig_tokens=layout.max_item_tokens, images=images, full_rows=full_rows or 0,
                     items_packed=items_packed)

@@ -92,6 +92,11 @@ class Layout:
     """Image slots one image may fill: its split tiles and its global image."""
     return 0 if self.text_only else self.max_image_tiles + 1
 
+  @property
+  def example_image_slots(self) -> int:
+    """Image slots of one training example: its history's items and its target, each image_slots."""
+    return (self.max_history + 1) * self.image_slots
+
 
 def _round_up(n: int, multiple: int = 8) -> int:
   return int(math.ceil(n / multiple) * multiple)
@@ -328,7 +333,7 @@ class PromptBuilder:
         "target_item": np.int32(target), "dropped_history": np.int32(dropped),
     }
     if not self.layout.text_only:
-      slots = (self.layout.max_history + 1) * self.layout.image_slots
+      slots = self.layout.example_image_slots
       items = shown + ([target] if self._has_image(target) else [])
       out["images"], out["image_valid"] = self._images(items, slots, pixels)
       if not pixels:

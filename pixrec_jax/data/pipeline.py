@@ -292,7 +292,7 @@ def batch_nbytes(layout, batch_size: int, image_budget: int = 0) -> int:
   elif image_budget:
     images = image_budget * pixels
   else:
-    images = batch_size * (layout.max_history + 1) * layout.image_slots * pixels * 4
+    images = batch_size * layout.example_image_slots * pixels * 4
   return images + batch_size * 4 * (4 * layout.seq_len + 2 * layout.item_len + 3 * layout.max_item_tokens)
 
 

@@ -180,7 +180,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training:
     if spec:
       _, shards = shd.process_batch_shard(mesh, cfg.train.batch_size)
       tiles = pipeline.sampled_image_tiles(sampled(), builder, shards=shards)
-      slots = cfg.train.batch_size * layout.image_slots * (layout.max_history + 1)
+      slots = cfg.train.batch_size * layout.example_image_slots
       image_budget = pipeline.choose_image_budget(tiles, slots=slots // shards, devices=dp)
       if jax.process_index() == 0:
         print(f"pixrec_jax: data.image_budget=-1 encodes {image_budget} image rows a batch of {cfg.train.batch_size} "
