@@ -56,6 +56,10 @@ def get_config(arg=None):
   c.data.max_item_tokens = 0  # 0: the longest item text of the catalogue
   c.data.max_image_tiles = 0  # split tiles per image at most; 0: the processor's own bound
   c.data.num_workers = 0  # grain worker processes; raise it to decode and resize images in parallel
+  # Batch 1 (the paper's): each batch cut to the tokens and image slots it uses, rounded up to one of 4 sizes
+  # per axis (pixrec_jax/data/buckets.py), instead of always 6 images' worth of tiles and tokens; one compiled
+  # step per shape. 0: static shapes.
+  c.data.length_buckets = 4
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 0  # used when train.epochs is 0

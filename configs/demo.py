@@ -79,6 +79,11 @@ def get_config(arg=None):
   # items (counted). -1: the 95th percentile of the rows the first 64 batches need; 0: a row per example.
   c.data.pack_rows = -1
   c.data.pack_items = True  # with pack_rows: the items read alone are packed into the same rows (one decoder pass)
+  # > 0: each batch is cut to the tokens, image rows or slots it uses, rounded up to one of this many sizes per
+  # axis (data/buckets.py): for small batches, which packing cannot fill; the step compiles once per shape.
+  # One process only (off, with a notice, in a multi-process run). 0: every batch has the layout's shapes. The
+  # paper option (batch 1) sets 4.
+  c.data.length_buckets = 0
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 650
@@ -102,6 +107,7 @@ def get_config(arg=None):
 
   if "paper" in options:
     presets.apply(c, presets.PAPER)
+    c.data.length_buckets = 4  # batch 1: a window of 1..5 items fills 40-100% of the prompt
   if "lora" in options:
     presets.apply(c, presets.LORA)
   return c

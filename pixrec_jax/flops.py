@@ -28,6 +28,7 @@ MFU divides achieved FLOP/s per device by the device's dense bf16 peak
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping, Sequence
 
 from pixrec_jax.models.config import BackboneConfig
 
@@ -85,6 +86,19 @@ def step_shapes(layout, batch: int, images: int | None = None, full_rows: int | 
   return StepShapes(batch=batch, seq_len=layout.seq_len, item_len=layout.item_len,
                     nig_tokens=layout.max_item_tokens, images=images, full_rows=full_rows or 0,
                     items_packed=items_packed)
+
+
+def batch_step_shapes(layout, shapes: Mapping[str, Sequence[int]]) -> StepShapes:
+  """StepShapes of one global training batch from its arrays' shapes (`layout`'s where the arrays hold the
+  layout's own): a batch cut by data.length_buckets (data.buckets), packed or not."""
+  b = shapes["target_item"][0]
+  packed_images = "image_index" in shapes
+  return StepShapes(batch=b, seq_len=shapes["full_ids"][1],
+                    item_len=shapes["item_ids"][1] if "item_ids" in shapes else layout.item_len,
+                    nig_tokens=shapes["nig_positions"][1],
+                    images=shapes["images"][0] if packed_images else b * layout.example_image_slots,
+                    full_rows=shapes["full_ids"][0] if "full_positions" in shapes else 0,
+                    items_packed="item_row" in shapes)
 
 
 # Parts in the order gradients flow back through them (first = nearest the input).

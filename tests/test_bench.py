@@ -250,3 +250,17 @@ def test_optimizer_update_bench_applies_every_update_it_times(capsys, form):
   assert result["form"] == {"auto": "cond", "select": "select"}[form]  # auto on the CPU: the cond
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert json.loads(last) == result
+
+
+def test_length_buckets_bench_runs_the_same_batches_cut_and_uncut(capsys):
+  """bench/length_buckets.py: both runs train on the same windows (the same final loss); the cut one compiles
+  more shapes and reads a larger share of real tokens."""
+  result = _bench_module("length_buckets").main([
+      "--config", "configs/demo.py:paper", "--steps", "8", "--config.data.synthetic.num_users=60",
+      "--config.model.text.num_hidden_layers=1", "--config.model.vision.num_hidden_layers=1"])
+  static, cut = result["static"], result["cut"]
+  assert (static["length_buckets"], cut["length_buckets"], static["shapes"]) == (0, 4, 1)
+  assert cut["shapes"] > 1 and cut["real_token_share"] > static["real_token_share"]
+  assert cut["real_image_share"] > static["real_image_share"]
+  np.testing.assert_allclose(cut["final_loss"], static["final_loss"], rtol=1e-4)
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result

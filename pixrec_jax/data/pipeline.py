@@ -23,7 +23,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from pixrec_jax.data import images, packing
+from pixrec_jax.data import buckets, images, packing
 from pixrec_jax.data.examples import PromptBuilder
 
 
@@ -117,7 +117,8 @@ class _BuildTrainBatch(grain.transforms.Map):
   counted in `dropped_history`."""
 
   def __init__(self, builder: PromptBuilder, image_budget: int = 0, row_offset: int = 0, pack_rows: int = 0,
-               pack_row_offset: int = 0, pack_groups: int = 1, pack_items: bool = False, example_offset: int = 0):
+               pack_row_offset: int = 0, pack_groups: int = 1, pack_items: bool = False, example_offset: int = 0,
+               length_buckets: int = 0, image_multiple: int = 1):
     self.build = _BuildTrainExample(builder, pixels=not image_budget)
     self.builder = builder
     self.image_budget = image_budget
@@ -127,6 +128,8 @@ class _BuildTrainBatch(grain.transforms.Map):
     self.pack_groups = pack_groups
     self.pack_items = pack_items
     self.example_offset = example_offset
+    self.length_buckets = length_buckets
+    self.image_multiple = image_multiple
 
   def map(self, windows: list[Window]) -> dict[str, np.ndarray]:
     windows = list(windows)
@@ -164,6 +167,8 @@ class _BuildTrainBatch(grain.transforms.Map):
     if plan is not None:
       batch = packing.pack_rows(batch, plan, self.pack_row_offset, self.pack_groups, items=self.pack_items,
                                 example_offset=self.example_offset)
+    if self.length_buckets:
+      batch = buckets.trim(batch, self.length_buckets, self.image_multiple)
     return batch
 
 
@@ -205,13 +210,15 @@ def _windows(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, se
 def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilder, *, batch_size: int, seed: int,
                   shard_index: int = 0, shard_count: int = 1, num_workers: int = 0,
                   prefetch_buffer: int = 4, image_budget: int = 0, pack_rows: int = 0,
-                  pack_groups: int = 1, pack_items: bool = False) -> grain.IterDataset:
+                  pack_groups: int = 1, pack_items: bool = False, length_buckets: int = 0,
+                  image_multiple: int = 1) -> grain.IterDataset:
   """An infinite iterator of training batches for host `shard_index` of `shard_count`
   (batch_size is per host). image_budget > 0 (per host): each batch carries its distinct
   image tiles once, in that many rows (pack_images). pack_rows > 0 (per host): the full
   prompts are packed into that many rows (packing.pack_rows), in pack_groups groups (the
   trainer's microbatches, train.grad_accum_steps); pack_items: the items read alone too (one
-  decoder pass for both; data.packing).
+  decoder pass for both; data.packing). length_buckets > 0: each batch cut to the lengths it uses
+  (buckets.trim; image rows in multiples of image_multiple).
 
   `train` holds (user index, training sequence) pairs, as `catalog.leave_one_out` gives them.
   """
@@ -227,7 +234,8 @@ def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilde
     raise ValueError("data.image_budget is set but the prompts have no images")
   ds = ds.map(_BuildTrainBatch(builder, image_budget, row_offset=shard_index * image_budget, pack_rows=pack_rows,
                                pack_row_offset=shard_index * pack_rows, pack_groups=pack_groups,
-                               pack_items=pack_items, example_offset=shard_index * batch_size))
+                               pack_items=pack_items, example_offset=shard_index * batch_size,
+                               length_buckets=length_buckets, image_multiple=image_multiple))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if num_workers else 1, prefetch_buffer_size=prefetch_buffer))
   if num_workers > 0:
     check_shared_memory(num_workers * prefetch_buffer * batch_nbytes(builder.layout, batch_size, image_budget),

@@ -23,7 +23,7 @@ from pixrec_jax import config_lib, flops, host_memory
 from pixrec_jax import sharding as shd
 from pixrec_jax.convert import hf
 from pixrec_jax.data import processors
-from pixrec_jax.data import catalog, examples, images, packing, paper_format, pipeline, synthetic
+from pixrec_jax.data import buckets, catalog, examples, images, packing, paper_format, pipeline, synthetic
 from pixrec_jax.eval import baselines, ranking, report
 from pixrec_jax.eval import bm25, generative
 from pixrec_jax.models.backbone import Backbone
@@ -126,6 +126,7 @@ class Job:
   pack_rows: int = 0  # data.pack_rows, resolved (-1: chosen from the data)
   pack_items: bool = False  # data.pack_items: the item pass packed into those rows too
   image_budget: int = 0  # data.image_budget, resolved (-1: chosen from the data; 0 without images)
+  length_buckets: int = 0  # data.length_buckets: each batch cut to the lengths it uses (data.buckets)
 
   @property
   def is_main(self) -> bool:
@@ -226,6 +227,16 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training:
     if pack_rows % (jax.process_count() * accum):
       raise ValueError(f"data.pack_rows={pack_rows} rows do not split evenly over {jax.process_count()} processes x "
                        f"train.grad_accum_steps={accum} microbatches")
+  length_buckets = cfg.data.get("length_buckets", 0) if training else 0
+  if not isinstance(length_buckets, int) or length_buckets < 0:
+    raise ValueError(f"data.length_buckets={length_buckets!r}: use 0 (static shapes) or a number of sizes per axis")
+  if length_buckets and jax.process_count() > 1:
+    if jax.process_index() == 0:
+      print(f"pixrec_jax: data.length_buckets={length_buckets} is off in this run: each host would cut its own block "
+            f"of the batch, and the {jax.process_count()} processes would disagree on the shapes. Every batch keeps "
+            "the layout's shapes (the results are the same; data.pack_rows and data.image_budget pack large "
+            "batches)", flush=True)
+    length_buckets = 0
   batch_size = cfg.train.batch_size
   if batch_size % jax.process_count():
     raise ValueError(f"train.batch_size={batch_size} is not divisible by {jax.process_count()} processes")
@@ -255,7 +266,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training:
   trainer = Trainer(model_fn, tx, trainable, weights, mesh, sched, grad_accum_steps=accum,
                     freeze=cfg.train.get("freeze", ()), seed=cfg.seed)
   return Job(cfg, workdir, dataset, splits, builder, mesh, trainer, steps, text_only, pack_rows, pack_items,
-             image_budget)
+             image_budget, length_buckets)
 
 
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"  # e.g. "always [madvise] never"
@@ -307,7 +318,8 @@ def _train_iterator(job: Job):
                                      image_budget=job.image_budget // shards,
                                      pack_rows=job.pack_rows // shards,
                                      pack_groups=cfg.train.get("grad_accum_steps", 1),
-                                     pack_items=job.pack_items))
+                                     pack_items=job.pack_items, length_buckets=job.length_buckets,
+                                     image_multiple=job.mesh.shape["data"] * job.mesh.shape["fsdp"]))
 
 
 def _truncate_log(path: pathlib.Path, step: int) -> None:
@@ -358,12 +370,16 @@ def checkpointer(job: Job, read_only: bool = False) -> checkpoint.Checkpointer:
                                  checkpoint.CheckpointOptions.from_config(job.cfg), read_only=read_only)
 
 
-def step_flops(job: Job) -> float | None:
-  """Analytic FLOPs of one global train step (pixrec_jax.flops); None for a mode it does not count."""
+def step_flops(job: Job, batch_shapes: dict | None = None) -> float | None:
+  """Analytic FLOPs of one global train step (pixrec_jax.flops), of the job's batch shapes or of a batch's
+  array shapes (`batch_shapes`: one cut by data.length_buckets); None for a mode it does not count."""
   bcfg = zoo.backbone_config(job.cfg.model, job.builder.tokenizer)
-  shapes = flops.step_shapes(job.builder.layout, job.cfg.train.batch_size,
-                             images=job.image_budget or None,
-                             full_rows=job.pack_rows or None, items_packed=job.pack_items)
+  if batch_shapes is None:
+    shapes = flops.step_shapes(job.builder.layout, job.cfg.train.batch_size,
+                               images=job.image_budget or None,
+                               full_rows=job.pack_rows or None, items_packed=job.pack_items)
+  else:
+    shapes = flops.batch_step_shapes(job.builder.layout, batch_shapes)
   try:
     return flops.train_flops(bcfg, shapes, proj_dim=job.cfg.pixrec.proj_dim, trainable=job.cfg.train.trainable,
                              text_only=job.text_only)["total"]
@@ -398,7 +414,9 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
   last = None
   preempted_at = None
   start = time.perf_counter()
-  flops_per_step, device_kind = step_flops(job), jax.devices()[0].device_kind
+  device_kind = jax.devices()[0].device_kind
+  flops_of = {}  # batch shapes -> FLOPs of a step (one shape unless data.length_buckets cuts the batches)
+  interval_flops = 0.0  # since the last log line; None once a step's FLOPs are not counted
   mark = (first, start)  # step and time of the last log line: TFLOP/s and MFU are per log interval
   # Without checkpoints a SIGTERM ends the process as usual: there would be nothing to resume from.
   with checkpoint.PreemptionWatch() if ckpt is not None else contextlib.nullcontext() as preemption, \
@@ -407,6 +425,18 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
     for step in range(first + 1, job.steps + 1):
       batch, bookkeeping = pipeline.split_bookkeeping(next(train_iter))
       dropped += int(bookkeeping["dropped_history"].sum())
+      key = buckets.shape_key(batch)
+      if key not in flops_of:
+        shapes = dict(key)
+        flops_of[key] = step_flops(job, shapes if job.length_buckets else None)  # one process when cut
+        if job.length_buckets and job.is_main:
+          bar.write(f"pixrec_jax: step {step}: a batch of a new shape ({buckets.describe(shapes)}; data.length_buckets="
+                    f"{job.length_buckets}): the step compiles for it ({len(flops_of)} shape"
+                    f"{'s' * (len(flops_of) != 1)} so far)")
+      if interval_flops is not None and flops_of[key] is not None:
+        interval_flops += flops_of[key]
+      else:
+        interval_flops = None
       state, metrics = job.trainer.step(state, batch)
       bar.update(1)
       stopping = preemption is not None and preemption.reached(step)
@@ -419,10 +449,12 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
         now = time.perf_counter()  # after device_get above: the interval's steps have finished
         record = {"step": step, **last, "examples_per_s": (step - first) * batch_size / (now - start),
                   "dropped_history_items": dropped}
-        if flops_per_step:
-          # The first interval includes compilation.
-          record.update(flops.mfu(flops_per_step, (now - mark[1]) / (step - mark[0]), jax.device_count(), device_kind))
-        mark = (step, now)
+        if interval_flops:
+          # The first interval includes compilation (and so does one where a new batch shape appears).
+          steps_done = step - mark[0]
+          record.update(flops.mfu(interval_flops / steps_done, (now - mark[1]) / steps_done, jax.device_count(),
+                                  device_kind))
+        mark, interval_flops = (step, now), 0.0
         log.write(json.dumps(record) + "\n")
         log.flush()
         bar.set_postfix(loss=f"{last['loss']:.4f}", nig=f"{last['nig']:.3f}", ut_acc=f"{last['ut_acc']:.2f}")
@@ -444,7 +476,8 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
         break
   summary = {"train_steps": job.steps, "train_seconds": round(time.perf_counter() - start, 2),
              "final_train_metrics": last, "dropped_history_items": dropped, "pack_rows": job.pack_rows,
-             "pack_items": job.pack_items, "image_budget": job.image_budget}
+             "pack_items": job.pack_items, "image_budget": job.image_budget,
+             "length_buckets": job.length_buckets, "batch_shapes": len(flops_of)}
   if preempted_at is not None:
     summary["preempted_at_step"] = preempted_at
   return state, summary
