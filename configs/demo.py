@@ -82,7 +82,8 @@ def get_config(arg=None):
   # > 0: each batch is cut to the tokens, image rows or slots it uses, rounded up to one of this many sizes per
   # axis (data/buckets.py): for small batches, which packing cannot fill; the step compiles once per shape.
   # One process only (off, with a notice, in a multi-process run). 0: every batch has the layout's shapes. The
-  # paper option (batch 1) sets 4.
+  # full-size configs' paper option (batch 1) sets 4; this tiny model's step at batch 1 is overhead, not work,
+  # and would only compile more shapes (BENCHMARKS.md, "Batches cut to the lengths they use").
   c.data.length_buckets = 0
 
   c.train = ml_collections.ConfigDict()
@@ -107,7 +108,6 @@ def get_config(arg=None):
 
   if "paper" in options:
     presets.apply(c, presets.PAPER)
-    c.data.length_buckets = 4  # batch 1: a window of 1..5 items fills 40-100% of the prompt
   if "lora" in options:
     presets.apply(c, presets.LORA)
   return c

@@ -69,6 +69,7 @@ def test_the_config_has_the_papers_settings_and_names_missing_folders(tmp_path):
   assert (cfg.pixrec.alpha, cfg.pixrec.beta, cfg.pixrec.temperature, cfg.pixrec.pooling) == (0.125, -0.025, 0.5, "mean")
   assert (cfg.train.lr, cfg.train.batch_size, cfg.train.epochs, cfg.train.trainable) == (1e-4, 1, 10, "heads_lm_head")
   assert (cfg.data.source, cfg.data.max_history, cfg.data.template) == ("dataset", 5, prompts.ITEM_TEMPLATE)
+  assert cfg.data.length_buckets == 4  # batch 1: each batch cut to the tokens and slots it uses
   library = config_lib.load_config_file(CONFIG)  # Without the command line, the job checks too.
   with pytest.raises(config_lib.ConfigError, match="data.path, model.path"):
     run.setup(library, tmp_path)

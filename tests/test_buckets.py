@@ -117,11 +117,16 @@ def test_flops_of_a_cut_batch_count_its_own_shapes(image_builder, small_splits):
 
 
 def test_the_paper_option_trains_on_cut_batches_and_counts_their_flops(tmp_path, capsys):
-  """configs/demo.py:paper (batch 1) cuts its batches: the job compiles a few shapes, says so, and logs the
-  TFLOP/s of the steps it ran; a negative setting is refused."""
+  """The paper's batch of 1 with cut batches: the job compiles a few shapes, says so, and logs the TFLOP/s of
+  the steps it ran. The full-size configs' paper option cuts (the tiny demo's does not); a negative setting is
+  refused."""
   args = ["--config", "configs/demo.py:paper", "--config.data.synthetic.num_users=60", "--config.train.epochs=0",
           "--config.train.steps=12", "--config.train.log_every=6"]
-  cfg, _ = config_lib.parse_args(args)
+  assert config_lib.parse_args(args)[0].data.length_buckets == 0
+  for name in ("smolvlm_256m", "paligemma2_3b_224", "smollm2_360m"):
+    assert [config_lib.load_config_file(f"configs/{name}.py{arg}").data.length_buckets for arg in ("", ":paper")] == [
+        0, 4], name
+  cfg, _ = config_lib.parse_args(args + ["--config.data.length_buckets=4"])
   job = run.setup(cfg, tmp_path)
   assert job.length_buckets == 4 and cfg.train.batch_size == 1
   _, summary = run.train(job, run.init_state(job))
