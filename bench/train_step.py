@@ -361,7 +361,13 @@ def main(argv=None) -> dict:
   batch = synthetic_batch(layout, batch=batch_size, vocab=bcfg.text.vocab_size,
                           image_token=bcfg.image_token_id or 0, seed=cfg.seed, image_budget=image_budget)
   image_budget = batch["images"].shape[0] if "image_index" in batch else 0  # resolved (-1; no images: 0)
-  plain_batch = batch  # what the PyTorch reference runs: a row per prompt, as the paper's code pads them
+  length_buckets = cfg.data.get("length_buckets", 0)
+  cut = lambda b: b
+  if length_buckets:  # as the training pipeline cuts its batches, after packing (data.buckets)
+    from pixrec_jax.data import buckets  # pylint: disable=import-outside-toplevel
+    cut = lambda b: buckets.trim(b, length_buckets)
+  # What the PyTorch reference runs: a row per prompt, as the paper's code pads them (cut, the same lengths).
+  plain_batch = cut(batch)
   pack_rows = cfg.data.get("pack_rows", 0)
   if args.pack_rows:
     pack_rows = -1 if args.pack_rows == "auto" else int(args.pack_rows)
@@ -384,6 +390,7 @@ def main(argv=None) -> dict:
       raise ValueError(f"data.pack_rows={pack_rows} rows cannot hold this batch's prompts"
                        f"{' and items' if pack_items else ''}; it needs {packing.fewest_rows(lengths, layout.seq_len)}")
     batch = packing.pack_rows(batch, plan, items=pack_items)
+  batch = cut(batch)
   from pixrec_jax.models.config import Runtime  # pylint: disable=import-outside-toplevel
   known = {f.name for f in dataclasses.fields(Runtime)}
   runtime = {k: v for k, v in (("scan_layers", args.scan_layers or None), ("remat", args.remat or None)) if v}
@@ -441,13 +448,16 @@ def main(argv=None) -> dict:
   kind = jax.devices()[0].device_kind
   shapes = flops.step_shapes(layout, batch_size, images=image_budget or None, full_rows=pack_rows or None,
                              items_packed=pack_items)
+  if length_buckets:  # this batch's own cut shapes
+    shapes = flops.batch_step_shapes(layout, {k: np.shape(v) for k, v in batch.items()})
   count = flops.train_flops(bcfg, shapes, proj_dim=cfg.pixrec.proj_dim, trainable=cfg.train.trainable,
                             text_only=text_only)
   util = flops.mfu(count["total"], step_s, n_dev, kind)
   result = {
       "bench": "train_step", "config": args.config, "device": kind, "num_devices": n_dev, "platform":
-      jax.devices()[0].platform, "batch": batch_size, "seq_len": layout.seq_len, "item_len": layout.item_len,
+      jax.devices()[0].platform, "batch": batch_size, "seq_len": shapes.seq_len, "item_len": shapes.item_len,
       "images_per_step": shapes.images, "image_budget": image_budget, "pack_rows": pack_rows, "pack_items": pack_items,
+      "length_buckets": length_buckets,
       "dtype": rt.dtype, "attention": rt.attention,
       "runtime": dataclasses.asdict(rt), "trainable": cfg.train.trainable, "step_s": round(step_s, 5),
       "warmup_s": round(warm_s, 1), "cpu_s_per_step": round(cpu_s, 4), "examples_per_s": round(batch_size / step_s, 3),
@@ -466,7 +476,7 @@ def main(argv=None) -> dict:
     print(f"on a device-resident batch: {resident_s * 1e3:.1f} ms, {result['resident_examples_per_s']:.2f} examples/s")
   rows = f" in {pack_rows} packed rows" + (" with their items" if pack_items else "") if pack_rows else ""
   print(f"{args.config}: batch {batch_size}{rows}"
-        + f", seq {layout.seq_len}/{layout.item_len}, {shapes.images} images/step, "
+        + f", seq {shapes.seq_len}/{shapes.item_len}{' (cut)' * bool(length_buckets)}, {shapes.images} images/step, "
         f"{rt.dtype} compute, {rt.attention} attention on {n_dev} x {kind}")
   print(f"step {step_s * 1e3:.1f} ms (median of {args.rounds} x {args.steps}), {result['examples_per_s']:.2f} "
         f"examples/s, {result['tflops_per_device']:.2f} TFLOP/s per device"

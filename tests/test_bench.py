@@ -264,3 +264,16 @@ def test_length_buckets_bench_runs_the_same_batches_cut_and_uncut(capsys):
   assert cut["real_image_share"] > static["real_image_share"]
   np.testing.assert_allclose(cut["final_loss"], static["final_loss"], rtol=1e-4)
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+
+
+def test_train_step_bench_cuts_its_batch_as_training_does_with_length_buckets():
+  """data.length_buckets (smolvlm_256m:paper sets it): the synthetic batch is cut as the pipeline cuts one, the
+  FLOPs and the recorded lengths are the cut batch's, and the loss is the uncut batch's."""
+  args = ["--config", "configs/demo.py:paper", "--config.model.text.num_hidden_layers=1",
+          "--config.model.vision.num_hidden_layers=1", "--batch", "1", "--warmup", "1", "--rounds", "1", "--steps", "1",
+          "--config.data.image_budget=3"]
+  static, cut = (train_step.main(args + [f"--config.data.length_buckets={k}"]) for k in (0, 4))
+  assert (static["length_buckets"], cut["length_buckets"]) == (0, 4)
+  assert cut["seq_len"] < static["seq_len"] and cut["item_len"] <= static["item_len"]
+  assert cut["tflop_per_step"] < static["tflop_per_step"]
+  np.testing.assert_allclose(cut["loss"], static["loss"], rtol=1e-5)
