@@ -137,3 +137,14 @@ def test_the_paper_option_trains_on_cut_batches_and_counts_their_flops(tmp_path,
   assert [r["step"] for r in records] == [6, 12] and all(r["tflops_per_device"] > 0 for r in records)
   with pytest.raises(ValueError, match="data.length_buckets=-1"):
     run.setup(config_lib.parse_args(args + ["--config.data.length_buckets=-1"])[0], tmp_path / "bad")
+
+
+def test_several_processes_keep_static_shapes_and_say_so(capsys):
+  """Each host cuts its own block: with several processes the setting is off, and process 0 says why."""
+  assert run.resolve_length_buckets(4, 1, 0) == 4 and run.resolve_length_buckets(0, 2, 0) == 0
+  assert run.resolve_length_buckets(4, 2, 0) == 0
+  assert "data.length_buckets=4 is off in this run" in capsys.readouterr().out
+  assert run.resolve_length_buckets(4, 2, 1) == 0 and not capsys.readouterr().out  # process 0 speaks alone
+  for bad in (-1, 2.5, True):
+    with pytest.raises(ValueError, match="data.length_buckets="):
+      run.resolve_length_buckets(bad, 1, 0)

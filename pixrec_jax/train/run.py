@@ -227,16 +227,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training:
     if pack_rows % (jax.process_count() * accum):
       raise ValueError(f"data.pack_rows={pack_rows} rows do not split evenly over {jax.process_count()} processes x "
                        f"train.grad_accum_steps={accum} microbatches")
-  length_buckets = cfg.data.get("length_buckets", 0) if training else 0
-  if not isinstance(length_buckets, int) or length_buckets < 0:
-    raise ValueError(f"data.length_buckets={length_buckets!r}: use 0 (static shapes) or a number of sizes per axis")
-  if length_buckets and jax.process_count() > 1:
-    if jax.process_index() == 0:
-      print(f"pixrec_jax: data.length_buckets={length_buckets} is off in this run: each host would cut its own block "
-            f"of the batch, and the {jax.process_count()} processes would disagree on the shapes. Every batch keeps "
-            "the layout's shapes (the results are the same; data.pack_rows and data.image_budget pack large "
-            "batches)", flush=True)
-    length_buckets = 0
+  length_buckets = resolve_length_buckets(cfg.data.get("length_buckets", 0) if training else 0,
+                                         jax.process_count(), jax.process_index())
   batch_size = cfg.train.batch_size
   if batch_size % jax.process_count():
     raise ValueError(f"train.batch_size={batch_size} is not divisible by {jax.process_count()} processes")
@@ -267,6 +259,20 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training:
                     freeze=cfg.train.get("freeze", ()), seed=cfg.seed)
   return Job(cfg, workdir, dataset, splits, builder, mesh, trainer, steps, text_only, pack_rows, pack_items,
              image_budget, length_buckets)
+
+
+def resolve_length_buckets(value: Any, process_count: int, process_index: int) -> int:
+  """data.length_buckets as the run applies it: checked, and 0 (with a notice from process 0) where several
+  processes would each cut their own block of the batch (data.buckets) and disagree on the shapes."""
+  if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    raise ValueError(f"data.length_buckets={value!r}: use 0 (static shapes) or a number of sizes per axis")
+  if value and process_count > 1:
+    if process_index == 0:
+      print(f"pixrec_jax: data.length_buckets={value} is off in this run: each host would cut its own block of the "
+            f"batch, and the {process_count} processes would disagree on the shapes. Every batch keeps the layout's "
+            "shapes (the results are the same; data.pack_rows and data.image_budget pack large batches)", flush=True)
+    return 0
+  return value
 
 
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"  # e.g. "always [madvise] never"
