@@ -56,9 +56,10 @@ def _used(mask: np.ndarray) -> int:
 
 
 def trim(batch: Mapping[str, np.ndarray], buckets: int, image_multiple: int = 1) -> dict[str, np.ndarray]:
-  """`batch` (one host's training batch, as pipeline.train_dataset builds it) with its token axes and packed
-  image rows cut to their buckets (`bucket`). image_multiple: the image rows' multiple (the data-parallel
-  devices that split them)."""
+  """`batch` (one process's training batch, as pipeline.train_dataset builds it) with its token axes, and its
+  packed image rows or its unpacked image slots, cut to their buckets (`bucket`). image_multiple: the image
+  rows' multiple (the data-parallel devices that split them). Packed rows are counted from row 0: one
+  process (no host's row offset)."""
   out = dict(batch)
   items_in_rows = "item_row" in batch
   full = FULL_KEYS + (("item_mask",) if items_in_rows else ())
