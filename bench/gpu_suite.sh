@@ -32,6 +32,8 @@
 #              both forms (the GPU's select, the CPU's lax.cond: pixrec_jax.train.trainer.update_under_cond)
 #   loader     bench/loader_vs_step.py: the training input pipeline alone at the smolvlm shapes
 #              ($LOADER_WORKERS worker processes), against the examples/s of this run's smolvlm step
+#   buckets    bench/length_buckets.py on configs/smolvlm_256m.py:paper (batch 1, bf16, cuDNN attention): the
+#              same training batches cut to the lengths they use (data.length_buckets=4) and static
 # PROFILE=1 also traces two steps of each model with jax.profiler ($OUT/<item>.xplane.pb, for XProf or
 # TensorBoard's profile plugin); TORCH=0 skips the PyTorch references; RESIDENT=1 also times each step on
 # a batch already on the device.
@@ -202,8 +204,11 @@ r=[x['examples_per_s'] for x in r if x['item'].startswith('smolvlm') and 'exampl
         --step-examples-per-s "$rate" --batches 40 --config.train.batch_size="$SMOLVLM_BATCH" \
         --config.data.image_budget="$SMOLVLM_BUDGET" --config.data.num_workers="$LOADER_WORKERS" \
         --workdir "$SPECS/loader" ;;
+    buckets)
+      run buckets 420 "$PY" bench/length_buckets.py --config configs/smolvlm_256m.py:paper --steps 40 \
+        --config.model.dtype=bfloat16 --config.model.attention=cudnn ;;
     *) echo "unknown item $item (demo smolvlm[@B] smolvlm_loop smolvlm_packed[@B] smolvlm_items[@B] paligemma[@B] paligemma_pallas[@B]" \
-            "paligemma_packed[@B] attention update loader)" ;;
+            "paligemma_packed[@B] attention update loader buckets)" ;;
   esac
 done
 
@@ -227,6 +232,12 @@ for name, r in rows.items():
     continue
   if name.startswith("update_"):
     print(f"{name}: {r.get('update_s', r.get('error'))} s an optimiser update ({r.get('trainable_params')} parameters)")
+    summary[name] = r
+    continue
+  if name == "buckets":
+    print(f"buckets ({r.get('config')}): steady step {r.get('static', {}).get('step_s')} s static, "
+          f"{r.get('cut', {}).get('step_s')} s cut ({r.get('steady_speedup', r.get('error'))}x); "
+          f"{r.get('cut', {}).get('shapes')} shapes")
     summary[name] = r
     continue
   if name == "loader":
