@@ -102,6 +102,11 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh))
 
 
+def data_parallel_size(mesh: Mesh) -> int:
+  """The devices a batch's leading dimension splits over (batch_sharding): data x fsdp."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def tree_batch_shardings(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: batch_sharding(mesh, np.ndim(x)), tree)
 

@@ -167,7 +167,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training:
   builder = examples.PromptBuilder(tokenizer, item_texts, store, layout)
 
   mesh = shd.make_mesh(**cfg.mesh.to_dict())
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  dp = shd.data_parallel_size(mesh)
   accum = cfg.train.get("grad_accum_steps", 1)
   # The first training batches, drawn once for whichever of the two -1 settings needs them.
   sampled = functools.cache(lambda: pipeline.sampled_examples(splits.train, builder, batch_size=cfg.train.batch_size,
@@ -325,7 +325,7 @@ def _train_iterator(job: Job):
                                      pack_rows=job.pack_rows // shards,
                                      pack_groups=cfg.train.get("grad_accum_steps", 1),
                                      pack_items=job.pack_items, length_buckets=job.length_buckets,
-                                     image_multiple=job.mesh.shape["data"] * job.mesh.shape["fsdp"]))
+                                     image_multiple=shd.data_parallel_size(job.mesh)))
 
 
 def _truncate_log(path: pathlib.Path, step: int) -> None:

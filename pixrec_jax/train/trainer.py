@@ -208,7 +208,7 @@ class Trainer:
     count = losses.nig_count(batch["nig_weights"])
 
     # Each microbatch spread over the data-parallel devices, where its size divides over them.
-    dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    dp = shd.data_parallel_size(self.mesh)
     spread = lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1)) if x.shape[0] % dp == 0 else x
 
     def forward(params, mb, j, rows):
