@@ -46,8 +46,9 @@ def _run(cfg, steps: int, workdir: str) -> dict:
   for _ in range(steps):
     batch = pipeline.split_bookkeeping(next(it))[0]
     key = buckets.shape_key(batch)
-    real += [np.count_nonzero(batch["full_mask"]), _image_rows(batch)[0]]
-    total += [batch["full_mask"].size, _image_rows(batch)[1]]
+    tiles, rows = _image_rows(batch)
+    real += [np.count_nonzero(batch["full_mask"]), tiles]
+    total += [batch["full_mask"].size, rows]
     start = time.perf_counter()
     state, metrics = job.trainer.step(state, batch)
     jax.block_until_ready((state, metrics))

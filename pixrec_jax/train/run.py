@@ -421,8 +421,10 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
   preempted_at = None
   start = time.perf_counter()
   device_kind = jax.devices()[0].device_kind
-  flops_of = {}  # batch shapes -> FLOPs of a step (one shape unless data.length_buckets cuts the batches)
-  interval_flops = 0.0  # since the last log line; None once a step's FLOPs are not counted
+  # Batch shapes -> FLOPs of a step (one shape unless data.length_buckets cuts the batches); None for a
+  # train.trainable mode flops does not count, which holds for every step of the job.
+  flops_of = {}
+  interval_flops = 0.0  # since the last log line
   mark = (first, start)  # step and time of the last log line: TFLOP/s and MFU are per log interval
   # Without checkpoints a SIGTERM ends the process as usual: there would be nothing to resume from.
   with checkpoint.PreemptionWatch() if ckpt is not None else contextlib.nullcontext() as preemption, \
@@ -439,10 +441,7 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
           bar.write(f"pixrec_jax: step {step}: a batch of a new shape ({buckets.describe(shapes)}; data.length_buckets="
                     f"{job.length_buckets}): the step compiles for it ({len(flops_of)} shape"
                     f"{'s' * (len(flops_of) != 1)} so far)")
-      if interval_flops is not None and flops_of[key] is not None:
-        interval_flops += flops_of[key]
-      else:
-        interval_flops = None
+      interval_flops += flops_of[key] or 0.0
       state, metrics = job.trainer.step(state, batch)
       bar.update(1)
       stopping = preemption is not None and preemption.reached(step)
