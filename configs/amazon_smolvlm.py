@@ -69,6 +69,9 @@ def get_config(arg=None):
   c.train.b2 = 0.999
   c.train.clip_norm = 1.0
   c.train.log_every = 50
+  # The paper's mode freezes the vision tower and the connector: each catalogue image tile is encoded once,
+  # before training, and batches carry its features, not pixels (pixrec_jax/data/features.py).
+  c.train.cache_image_features = True
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 8

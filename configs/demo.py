@@ -97,6 +97,10 @@ def get_config(arg=None):
   c.train.b2 = 0.999
   c.train.clip_norm = 1.0
   c.train.trainable = "all"  # all | heads_lm_head | frozen_vision
+  # With the vision tower frozen (heads_lm_head, frozen_vision): every catalogue image tile is encoded once,
+  # before training, and batches carry its features in place of pixels (pixrec_jax/data/features.py). The
+  # paper option sets it.
+  c.train.cache_image_features = False
   c.train.log_every = 50
 
   c.eval = ml_collections.ConfigDict()
@@ -108,6 +112,7 @@ def get_config(arg=None):
 
   if "paper" in options:
     presets.apply(c, presets.PAPER)
+    c.train.cache_image_features = "text_only" not in options  # the tower is frozen; there are images
   if "lora" in options:
     presets.apply(c, presets.LORA)
   return c

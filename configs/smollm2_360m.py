@@ -25,6 +25,7 @@ def get_config(arg=None):
     c.model.scan_layers = True  # 32 layers compile as one
     c.model.remat = "none"
     c.pixrec.text_only = True
+    c.train.cache_image_features = False  # no images to cache (demo.py's paper option sets it)
     if "paper" in (arg or "").split(","):  # batch 1: each batch cut to the tokens and images it uses
       c.data.length_buckets = 4  # (data/buckets.py; smolvlm_256m:paper's CPU step 2.23x faster: BENCHMARKS.md)
   return c

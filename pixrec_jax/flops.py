@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
+from pixrec_jax.data import features
 from pixrec_jax.models.config import BackboneConfig
 
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
@@ -75,17 +76,20 @@ class StepShapes:
   images: int  # image rows the vision tower encodes per step (0: text-only)
   full_rows: int = 0  # rows of seq_len the full pass reads: packed prompts (data.pack_rows); 0: one per example
   items_packed: bool = False  # data.pack_items: the items read alone are in those rows (no item pass)
+  # What a frozen tower's feature table (train.cache_image_features, data.features) gives the step in
+  # place of pixels: "" none, "vision" the tower's output (the connector still runs), "connector" both's.
+  cached: str = ""
 
 
 def step_shapes(layout, batch: int, images: int | None = None, full_rows: int | None = None,
-                items_packed: bool = False) -> StepShapes:
+                items_packed: bool = False, cached: str = "") -> StepShapes:
   """StepShapes of an `examples.Layout`; `images` defaults to every image slot of the batch, `full_rows`
   to one row per example."""
   if images is None:
     images = 0 if layout.text_only else batch * layout.example_image_slots
   return StepShapes(batch=batch, seq_len=layout.seq_len, item_len=layout.item_len,
                     nig_tokens=layout.max_item_tokens, images=images, full_rows=full_rows or 0,
-                    items_packed=items_packed)
+                    items_packed=items_packed, cached=cached)
 
 
 def batch_step_shapes(layout, shapes: Mapping[str, Sequence[int]]) -> StepShapes:
@@ -96,9 +100,11 @@ def batch_step_shapes(layout, shapes: Mapping[str, Sequence[int]]) -> StepShapes
   return StepShapes(batch=b, seq_len=shapes["full_ids"][1],
                     item_len=shapes["item_ids"][1] if "item_ids" in shapes else layout.item_len,
                     nig_tokens=shapes["nig_positions"][1],
-                    images=shapes["images"][0] if packed_images else b * layout.example_image_slots,
+                    images=shapes[features.rows_key(shapes)][0] if packed_images else b * layout.example_image_slots,
                     full_rows=shapes["full_ids"][0] if "full_positions" in shapes else 0,
-                    items_packed="item_row" in shapes)
+                    items_packed="item_row" in shapes,
+                    cached={features.IMAGE_FEATURES: "connector", features.VISION_FEATURES: "vision"}.get(
+                        features.rows_key(shapes) if packed_images else "", ""))
 
 
 # Parts in the order gradients flow back through them (first = nearest the input).
@@ -155,15 +161,21 @@ def train_flops(cfg: BackboneConfig, shapes: StepShapes, *, proj_dim: int, train
   def attention(fwd):
     return fwd * (1 + 2 * before)
 
+  if shapes.cached not in ("", "vision", "connector"):
+    raise ValueError(f"StepShapes.cached must be '', 'vision' or 'connector', got {shapes.cached!r}")
+  if shapes.cached and ("vision" in trains or (shapes.cached == "connector" and "connector" in trains)):
+    raise ValueError(f"cached {shapes.cached} features with train.trainable={trainable!r}: the cached part trains")
   if not text_only and shapes.images:
-    patch, w, a = _vision_forward(cfg, shapes.images)
-    out["vision"] = weight(patch, "vision")
-    before = before or "vision" in trains
-    out["vision"] += weight(w, "vision") + attention(a)
+    if not shapes.cached:  # a feature table gives the step the tower's output (and the connector's)
+      patch, w, a = _vision_forward(cfg, shapes.images)
+      out["vision"] = weight(patch, "vision")
+      before = before or "vision" in trains
+      out["vision"] += weight(w, "vision") + attention(a)
     v = cfg.vision
-    out["connector"] = weight(2 * shapes.images * v.patches_per_side**2 * v.hidden_size * cfg.text.hidden_size,
-                              "connector")
-    before = before or "connector" in trains
+    if shapes.cached != "connector":
+      out["connector"] = weight(2 * shapes.images * v.patches_per_side**2 * v.hidden_size * cfg.text.hidden_size,
+                                "connector")
+      before = before or "connector" in trains
   before = before or "embed" in trains
   fw, fa = _decoder_forward(cfg, shapes.full_rows or b, shapes.seq_len)
   iw, ia = (0.0, 0.0) if shapes.items_packed else _decoder_forward(cfg, b, shapes.item_len)

@@ -86,6 +86,11 @@ def report(cfg, workdir: str | pathlib.Path, device_memory_gib: float = 80.0) ->
   trainer = job.trainer
   batch, _ = pipeline.split_bookkeeping(next(run._train_iterator(job)))
   abstract_batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in batch.items()}
+  if job.feature_cache:  # train.cache_image_features: the step reads a table's rows, not pixels (data.features)
+    table = run.feature_table(job)
+    rows = abstract_batch.pop("images").shape[0]
+    abstract_batch.pop("pixel_lut")
+    abstract_batch[table.key] = jax.ShapeDtypeStruct((rows,) + table.row_shape, table.dtype)
   compiled = trainer.lower(abstract_batch).compile()
   mem = compiled.memory_analysis()
   if mem is None:

@@ -49,3 +49,18 @@ def test_bad_mesh_and_devices_are_named(capsys):
   assert memory.parse_mesh("data=1, fsdp=8") == {"data": 1, "fsdp": 8}
   assert memory.main(["--config", "configs/demo.py", "--mesh", "fsdp=x"]) == 1
   assert "--mesh: fsdp='x' is not an integer" in capsys.readouterr().err
+
+
+def test_the_paper_option_is_estimated_with_its_feature_table_rows(tmp_path, capsys):
+  """train.cache_image_features (the paper option's): the step compiled reads the table's rows (the image
+  tokens of a tile, in the text width), not pixels, as many as the image budget."""
+  figures = {}
+  for on in (True, False):
+    assert memory.main(["--config", "configs/demo.py:paper", "--workdir", str(tmp_path / str(on)), *TINY,
+                        f"--config.train.cache_image_features={on}"]) == 0
+    figures[on] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  cached, pixels = figures[True]["batch_shapes"], figures[False]["batch_shapes"]
+  assert "images" not in cached and "pixel_lut" not in cached and "image_features" in pixels.keys() | cached.keys()
+  assert cached["image_features"][0] == pixels["images"][0] == figures[True]["image_budget"]
+  seq = figures[True]["batch_shapes"]["image_features"][1:]
+  assert len(seq) == 2 and seq[1] == 128  # (image_seq_len, the demo decoder's width)

@@ -26,6 +26,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from pixrec_jax.data import features
+
 TOKEN_MULTIPLE = 8  # token axes are cut to multiples of this
 # The full pass's fields with a token axis (axis 1), packed or not; item_mask joins them when the items
 # are packed into the rows (item_row present), else it is the item pass's, with item_ids.
@@ -80,10 +82,11 @@ def trim(batch: Mapping[str, np.ndarray], buckets: int, image_multiple: int = 1)
   if "image_index" in batch:  # packed image rows, filled from row 0 (pipeline.pack_images)
     valid = batch["image_valid"].astype(bool)
     rows = int(batch["image_index"][valid].max()) + 1 if valid.any() else 1
-    limit = batch["images"].shape[0]
+    key = features.rows_key(batch)  # pixels, or a frozen tower's features
+    limit = batch[key].shape[0]
     if limit % image_multiple:
       raise ValueError(f"{limit} image rows do not split over {image_multiple} devices")
-    out["images"] = batch["images"][:bucket(rows, limit, buckets, image_multiple)]
+    out[key] = batch[key][:bucket(rows, limit, buckets, image_multiple)]
   elif "image_valid" in batch:  # a (B, M) slot per tile, filled from slot 0 (examples.PromptBuilder)
     out.update(_trim_slots(batch, buckets))
   return out
@@ -118,7 +121,7 @@ def describe(shapes: Mapping[str, Sequence[int]]) -> str:
   if "item_ids" in shapes:
     words.append(f"items of {shapes['item_ids'][1]}")
   if "image_index" in shapes:
-    words.append(f"{shapes['images'][0]} image rows")
+    words.append(f"{shapes[features.rows_key(shapes)][0]} image rows")
   elif "image_valid" in shapes:
     words.append(f"{shapes['image_valid'][1]} image slots an example")
   return ", ".join(words)

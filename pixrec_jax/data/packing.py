@@ -41,6 +41,8 @@ from typing import Sequence
 
 import numpy as np
 
+from pixrec_jax.data import features
+
 # Per-example fields whose positions index the full prompt: packing moves them by the segment's offset.
 _ROW_COORDINATES = ("user_mask", "target_mask")
 
@@ -75,8 +77,9 @@ def segment_lengths(full_masks: Sequence[np.ndarray], item_masks: Sequence[np.nd
 
 
 def shared_keys(batch: dict) -> set[str]:
-  """The fields of a batch that are not per example: packed image rows (data.image_budget) and their table."""
-  return {"pixel_lut"} | ({"images"} if "image_index" in batch else set())
+  """The fields of a batch that are not per example: packed image rows (data.image_budget; pixels or a frozen
+  tower's features, data.features) and the pixels' table."""
+  return {"pixel_lut"} | (set(features.ROW_KEYS) if "image_index" in batch else set())
 
 
 def plan_groups(lengths: Sequence[int], rows: int, seq_len: int, groups: int = 1) -> list[list[int]] | None:

@@ -25,6 +25,7 @@ from absl import flags
 
 from pixrec_jax.data import buckets, images, packing
 from pixrec_jax.data.examples import PromptBuilder
+from pixrec_jax.data.features import FeatureTable
 
 
 # Per-example fields for accounting and audits; they never reach the model.
@@ -85,18 +86,25 @@ def _slot_tiles(builder: PromptBuilder, history: Sequence[int], target: int, dro
 
 
 def pack_images(batch: dict[str, np.ndarray], slot_tiles: list[list[tuple[int, int]]], budget: int, store,
-                row_offset: int = 0) -> dict[str, np.ndarray]:
+                row_offset: int = 0, features: FeatureTable | None = None) -> dict[str, np.ndarray]:
   """Each distinct image tile of the batch once: `images` (B, M, C, H, W) slots become `budget` rows
   (budget, C, H, W), read from the ImageStore `store`, and `image_index` (B, M) gives every slot's
   row (+ row_offset: this host's first row of the global array; 0 for empty slots, which are never
   read). The vision tower then encodes `budget` rows instead of B * M slots, most of which are
   padding or repeats, and no (B, M) pixel array is ever made. The rows are uint8, before the
   processor's rescaling and normalisation, and `pixel_lut` (3, 256) is that step's table, applied on
-  the device (images.pixel_lut): a quarter of the bytes to copy, pickle and send to the device."""
+  the device (images.pixel_lut): a quarter of the bytes to copy, pickle and send to the device.
+  With `features` (a frozen tower's table: data.features) the rows are each tile's cached features, in
+  the table's field, and there is no pixel_lut."""
   valid = batch["image_valid"]
   rows, index = {}, np.zeros(valid.shape, np.int32)
-  size = store.spec.size
-  packed = np.zeros((budget, 3, size, size), np.uint8)
+  if features is not None:
+    packed = np.zeros((budget,) + tuple(features.row_shape), features.dtype)
+    read = lambda item, tile: features.row(item, tile)
+  else:
+    size = store.spec.size
+    packed = np.zeros((budget, 3, size, size), np.uint8)
+    read = lambda item, tile: store.get_raw(item).pixels[tile]
   for b, tiles in enumerate(slot_tiles):
     if len(tiles) != int(valid[b].sum()):
       raise ValueError(f"example {b}: {int(valid[b].sum())} image slots but {len(tiles)} tiles from its items")
@@ -105,8 +113,10 @@ def pack_images(batch: dict[str, np.ndarray], slot_tiles: list[list[tuple[int, i
         if len(rows) == budget:
           raise ValueError(f"the batch has more than data.image_budget={budget} distinct image tiles")
         rows[key] = len(rows)
-        packed[rows[key]] = store.get_raw(key[0]).pixels[key[1]]
+        packed[rows[key]] = read(*key)
       index[b, slot] = row_offset + rows[key]
+  if features is not None:
+    return {**batch, features.key: packed, "image_index": index}
   return {**batch, "images": packed, "image_index": index, "pixel_lut": images.pixel_lut(store.spec)}
 
 
@@ -118,7 +128,10 @@ class _BuildTrainBatch(grain.transforms.Map):
 
   def __init__(self, builder: PromptBuilder, image_budget: int = 0, row_offset: int = 0, pack_rows: int = 0,
                pack_row_offset: int = 0, pack_groups: int = 1, pack_items: bool = False, example_offset: int = 0,
-               length_buckets: int = 0, image_multiple: int = 1):
+               length_buckets: int = 0, image_multiple: int = 1, features: FeatureTable | None = None):
+    if features is not None and not image_budget:
+      raise ValueError("a feature table (train.cache_image_features) sends packed image rows: it needs an image budget")
+    self.features = features
     self.build = _BuildTrainExample(builder, pixels=not image_budget)
     self.builder = builder
     self.image_budget = image_budget
@@ -163,7 +176,7 @@ class _BuildTrainBatch(grain.transforms.Map):
       e["dropped_history"] = np.int32(e["dropped_history"] + n)
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
     if self.image_budget:
-      batch = pack_images(batch, tiles, self.image_budget, self.builder.images, self.row_offset)
+      batch = pack_images(batch, tiles, self.image_budget, self.builder.images, self.row_offset, self.features)
     if plan is not None:
       batch = packing.pack_rows(batch, plan, self.pack_row_offset, self.pack_groups, items=self.pack_items,
                                 example_offset=self.example_offset)
@@ -211,14 +224,15 @@ def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilde
                   shard_index: int = 0, shard_count: int = 1, num_workers: int = 0,
                   prefetch_buffer: int = 4, image_budget: int = 0, pack_rows: int = 0,
                   pack_groups: int = 1, pack_items: bool = False, length_buckets: int = 0,
-                  image_multiple: int = 1) -> grain.IterDataset:
+                  image_multiple: int = 1, features: FeatureTable | None = None) -> grain.IterDataset:
   """An infinite iterator of training batches for host `shard_index` of `shard_count`
   (batch_size is per host). image_budget > 0 (per host): each batch carries its distinct
   image tiles once, in that many rows (pack_images). pack_rows > 0 (per host): the full
   prompts are packed into that many rows (packing.pack_rows), in pack_groups groups (the
   trainer's microbatches, train.grad_accum_steps); pack_items: the items read alone too (one
   decoder pass for both; data.packing). length_buckets > 0: each batch cut to the lengths it uses
-  (buckets.trim; image rows in multiples of image_multiple).
+  (buckets.trim; image rows in multiples of image_multiple). features: a frozen tower's table
+  (data.features), whose rows the batches carry in place of pixels (with an image budget).
 
   `train` holds (user index, training sequence) pairs, as `catalog.leave_one_out` gives them.
   """
@@ -235,10 +249,12 @@ def train_dataset(train: Sequence[tuple[int, np.ndarray]], builder: PromptBuilde
   ds = ds.map(_BuildTrainBatch(builder, image_budget, row_offset=shard_index * image_budget, pack_rows=pack_rows,
                                pack_row_offset=shard_index * pack_rows, pack_groups=pack_groups,
                                pack_items=pack_items, example_offset=shard_index * batch_size,
-                               length_buckets=length_buckets, image_multiple=image_multiple))
+                               length_buckets=length_buckets, image_multiple=image_multiple,
+                               features=features))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if num_workers else 1, prefetch_buffer_size=prefetch_buffer))
   if num_workers > 0:
-    check_shared_memory(num_workers * prefetch_buffer * batch_nbytes(builder.layout, batch_size, image_budget),
+    check_shared_memory(num_workers * prefetch_buffer * batch_nbytes(builder.layout, batch_size, image_budget,
+                                                                     features),
                         f"data.num_workers={num_workers} x {prefetch_buffer} prefetched batches of {batch_size}")
     it = _multiprocess(it, grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch_buffer))
   return it
@@ -291,12 +307,14 @@ def choose_image_budget(tiles: np.ndarray, *, slots: int, devices: int = 1, mult
   return int(min(per_host, slots) * shards)
 
 
-def batch_nbytes(layout, batch_size: int, image_budget: int = 0) -> int:
+def batch_nbytes(layout, batch_size: int, image_budget: int = 0, features: FeatureTable | None = None) -> int:
   """About the bytes of one training batch of this layout: the pixels (uint8 packed rows, or float32
-  slots) and the int32 token arrays."""
+  slots) or a feature table's rows, and the int32 token arrays."""
   pixels = 3 * layout.image_size**2
   if layout.text_only:
     images = 0
+  elif features is not None:
+    images = image_budget * int(np.prod(features.row_shape)) * features.dtype.itemsize
   elif image_budget:
     images = image_budget * pixels
   else:

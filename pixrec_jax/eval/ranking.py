@@ -19,7 +19,7 @@ import hashlib
 import json
 import pathlib
 import uuid
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,14 @@ def _embed(fn, graphdef, states, keys: Sequence, make_batches, mesh, settings: E
   Global batch k holds keys [k * B, (k + 1) * B) (the last one padded with keys[0]);
   each process reads only its block of rows of it, `make_batches(its keys, block size)`.
   """
+  return np.concatenate(list(embedded_batches(fn, graphdef, states, keys, make_batches, mesh, settings, what)),
+                        axis=0)[:len(keys)]
+
+
+def embedded_batches(fn, graphdef, states, keys: Sequence, make_batches, mesh, settings: EvalSettings,
+                     what: str) -> Iterator[np.ndarray]:
+  """_embed's global batches one at a time (the last one's padding rows included), each on every process:
+  for outputs too large to hold at once (pixrec_jax.train.run.encode_features writes them to a file)."""
   if not len(keys):
     raise ValueError(f"{what}: nothing to evaluate, the list is empty")
   size = settings.batch_size
@@ -67,7 +75,6 @@ def _embed(fn, graphdef, states, keys: Sequence, make_batches, mesh, settings: E
   padded = list(keys) + [keys[0]] * (-len(keys) % size)
   mine = [key for start in range(0, len(padded), size)
           for key in padded[start + shard * block:start + (shard + 1) * block]]
-  out = []
   jitted = _jitted(fn, graphdef, mesh)
   with jax.set_mesh(mesh):
     for batch in tqdm(make_batches(mine, block), total=len(padded) // size, desc=what, unit="batch",
@@ -75,8 +82,7 @@ def _embed(fn, graphdef, states, keys: Sequence, make_batches, mesh, settings: E
       batch.pop("valid")  # padding is the tail of `padded`, cut below
       arrays = {k: jax.make_array_from_process_local_data(shd.batch_sharding(mesh, v.ndim), v)
                 for k, v in batch.items()}
-      out.append(np.asarray(jax.device_get(jitted(states, arrays))))
-  return np.concatenate(out, axis=0)[:len(keys)]
+      yield np.asarray(jax.device_get(jitted(states, arrays)))
 
 
 def _item_fn(model, batch):

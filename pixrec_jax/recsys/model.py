@@ -13,7 +13,10 @@ Batch layout (numpy/jax arrays, static shapes; B examples, M image slots):
   item_ids, item_mask      (B, S_item) the target item alone
   images                   (B, M, C, H, W) image tiles in token order: the history's, then the target's
                            or, packed (data.image_budget), (U, C, H, W): each distinct tile of the batch once
-  image_index              (B, M)  packed only: the row of `images` each slot shows
+                           or, from a frozen tower's feature table (train.cache_image_features, data.features),
+  image_features           (U, T, D) each distinct tile's language-model tokens (the connector's output), or
+  vision_features          (U, P, D_vision) the vision tower's output, which the connector then maps
+  image_index              (B, M)  packed only: the row of `images` (or of the features) each slot shows
   pixel_lut                (3, 256) with uint8 `images` (the pipeline's packed batches): each channel's
                            float value of every 8-bit value (data.images.pixel_lut), looked up on the device
   image_valid              (B, M)  which slots hold a tile
@@ -36,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixrec_jax.data import features
 from pixrec_jax.models import layers
 from pixrec_jax.models.backbone import Backbone
 
@@ -118,6 +122,16 @@ class PixRec(nnx.Module):
       raise ValueError("uint8 images need their pixel_lut (data.images.pixel_lut) to become the tower's floats")
     return self.backbone.image_features(images)
 
+  def packed_rows(self, batch: dict) -> jax.Array:
+    """(U, T, D): the language-model tokens of a packed batch's image rows: its pixels ("images") encoded,
+    or a frozen tower's cached features (data.features): "image_features" as they are, "vision_features"
+    through the connector."""
+    if features.IMAGE_FEATURES in batch:
+      return batch[features.IMAGE_FEATURES]
+    if features.VISION_FEATURES in batch:
+      return self.backbone.connector(batch[features.VISION_FEATURES])
+    return self.image_rows(batch["images"], batch.get("pixel_lut"))
+
   def _hidden(self, ids, mask, feats, valid, positions=None, flat=False):
     """flat: feats (N, T, D) and valid (N,) are already one feature row per image slot, in token order."""
     if feats is None:
@@ -155,6 +169,8 @@ class PixRec(nnx.Module):
       feats = None
     elif row_feats is not None:
       feats = row_feats[batch["image_index"]]
+    elif "image_index" in batch:
+      feats = self.packed_rows(batch)[batch["image_index"]]
     else:
       feats = self.encode_images(batch["images"], batch.get("image_index"), batch.get("pixel_lut"))
     target_valid = None

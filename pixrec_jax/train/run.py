@@ -23,7 +23,7 @@ from pixrec_jax import config_lib, flops, host_memory
 from pixrec_jax import sharding as shd
 from pixrec_jax.convert import hf
 from pixrec_jax.data import processors
-from pixrec_jax.data import buckets, catalog, examples, images, packing, paper_format, pipeline, synthetic
+from pixrec_jax.data import buckets, catalog, examples, features, images, packing, paper_format, pipeline, synthetic
 from pixrec_jax.eval import baselines, ranking, report
 from pixrec_jax.eval import bm25, generative
 from pixrec_jax.models.backbone import Backbone
@@ -127,6 +127,9 @@ class Job:
   pack_items: bool = False  # data.pack_items: the item pass packed into those rows too
   image_budget: int = 0  # data.image_budget, resolved (-1: chosen from the data; 0 without images)
   length_buckets: int = 0  # data.length_buckets: each batch cut to the lengths it uses (data.buckets)
+  # train.cache_image_features: the frozen part of the image path whose output a table gives the step
+  # (data.features): "connector" (the tower and the connector) or "vision" (the tower alone); "" off.
+  feature_cache: str = ""
 
   @property
   def is_main(self) -> bool:
@@ -190,6 +193,16 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training:
   elif image_budget and not spec:
     raise ValueError(f"data.image_budget={image_budget} is set but the prompts have no images "
                      f"({'pixrec.text_only' if text_only else 'a text-only backbone'}): use 0 or -1")
+  cache_features = bool(cfg.train.get("cache_image_features", False)) and training
+  if cache_features and not spec:
+    raise ValueError("train.cache_image_features caches image features, but the prompts have no images "
+                     f"({'pixrec.text_only' if text_only else 'a text-only backbone'}): set it False")
+  if cache_features and not image_budget:
+    # The table's rows travel packed (pipeline.pack_images): every image slot of the batch, as many rows as
+    # the unpacked batch has slots, so that nothing is dropped; data.image_budget=-1 packs them closer.
+    _, shards = shd.process_batch_shard(mesh, cfg.train.batch_size)
+    multiple = math.lcm(dp, shards)
+    image_budget = -(-cfg.train.batch_size * layout.example_image_slots // multiple) * multiple
   if image_budget % dp:
     raise ValueError(f"data.image_budget={image_budget} rows do not split evenly over {dp} data-parallel devices")
   pack_rows = cfg.data.get("pack_rows", 0) if training else 0
@@ -257,8 +270,89 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training:
     raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum_steps={accum}")
   trainer = Trainer(model_fn, tx, trainable, weights, mesh, sched, grad_accum_steps=accum,
                     freeze=cfg.train.get("freeze", ()), seed=cfg.seed)
+  feature_cache = ""
+  if cache_features:
+    feature_cache = frozen_image_path(trainer)
+    if not feature_cache:
+      raise ValueError(f"train.cache_image_features needs a frozen vision tower, and with train.trainable="
+                       f"{cfg.train.trainable!r}{' and LoRA adapters on it' if adapters.enabled else ''} it trains: "
+                       "use train.trainable=heads_lm_head (the paper's mode) or frozen_vision, or set it False")
+    if jax.process_index() == 0:
+      what = "vision tower and connector" if feature_cache == "connector" else "vision tower"
+      print(f"pixrec_jax: train.cache_image_features: the frozen {what} encode each catalogue image tile once, "
+            f"before training; batches carry their tiles' features in {image_budget} rows a step", flush=True)
   return Job(cfg, workdir, dataset, splits, builder, mesh, trainer, steps, text_only, pack_rows, pack_items,
-             image_budget, length_buckets)
+             image_budget, length_buckets, feature_cache)
+
+
+def frozen_image_path(trainer: Trainer) -> str:
+  """How much of the image path is frozen, from the trainable parameters: "connector" (the vision tower
+  and the connector: their output is a constant of each tile), "vision" (the tower only), or "" (the
+  tower trains, LoRA adapters on it included)."""
+  names = [jax.tree_util.keystr(path) for path, _ in
+           jax.tree_util.tree_flatten_with_path(trainer.abstract_state.params)[0]]
+  trains = lambda part: any(name.startswith(f"['backbone']['{part}']") for name in names)
+  if trains("vision_model"):
+    return ""
+  return "vision" if trains("connector") else "connector"
+
+
+FEATURES_DIR = "features"  # WORKDIR/features: train.cache_image_features' table
+
+
+def _features_fn(level: str):
+  return _tile_features if level == "connector" else _tile_vision_features
+
+
+def _tile_features(model: PixRec, batch: dict) -> jax.Array:
+  return model.backbone.image_features(batch["pixels"])
+
+
+def _tile_vision_features(model: PixRec, batch: dict) -> jax.Array:
+  return model.backbone.vision_model(batch["pixels"], None)
+
+
+def feature_table(job: Job) -> features.FeatureTable:
+  """train.cache_image_features' table as the job lays it out (data.features), not yet written: rows in item
+  order, each item's tiles in the order of its image slots, in the step's compute dtype; in WORKDIR/features,
+  one file a process."""
+  first, counts = features.catalog_tiles(job.builder.images, job.dataset.num_items)
+  if not counts.any():
+    raise ValueError(f"train.cache_image_features: no item of {job.dataset.path} has an image")
+  fn, size = _features_fn(job.feature_cache), job.builder.images.spec.size
+  abstract = job.trainer.abstract_state
+  shape = jax.eval_shape(lambda s, x: fn(nnx.merge(job.trainer.graphdef, *s), {"pixels": x}),
+                         (abstract.params, abstract.frozen), jax.ShapeDtypeStruct((1, 3, size, size), jnp.float32))
+  key = features.IMAGE_FEATURES if job.feature_cache == "connector" else features.VISION_FEATURES
+  return features.FeatureTable(str(job.workdir / FEATURES_DIR / f"{key}.process{jax.process_index()}.npy"), key,
+                               first, counts, tuple(shape.shape[1:]), np.dtype(shape.dtype))
+
+
+def encode_features(job: Job, params, frozen) -> features.FeatureTable:
+  """feature_table(job), written: every catalogue image tile through the frozen part of the image path
+  (job.feature_cache, from the weights `frozen`), once."""
+  table = feature_table(job)
+  store = job.builder.images
+  keys = [(item, tile) for item in np.flatnonzero(table.counts) for tile in range(int(table.counts[item]))]
+  fn = _features_fn(job.feature_cache)
+  graphdef, states = job.trainer.graphdef, (params, frozen)
+  out = table.create()
+
+  def make(tiles, block):
+    for start in range(0, len(tiles), block):
+      chunk = tiles[start:start + block]
+      yield {"pixels": np.stack([store.get(int(item)).pixels[tile] for item, tile in chunk]),
+             "valid": np.ones(len(chunk), bool)}
+
+  settings = eval_settings(job)
+  row = 0
+  for rows in ranking.embedded_batches(fn, graphdef, states, keys, make, job.mesh, settings, "encode image tiles"):
+    rows = rows[:len(keys) - row]  # the last batch's padding
+    out[row:row + len(rows)] = rows
+    row += len(rows)
+  out.flush()
+  del out
+  return table
 
 
 def resolve_length_buckets(value: Any, process_count: int, process_index: int) -> int:
@@ -315,7 +409,7 @@ def init_state(job: Job):
   return state
 
 
-def _train_iterator(job: Job):
+def _train_iterator(job: Job, features_table: features.FeatureTable | None = None):
   cfg = job.cfg
   shard, shards = shd.process_batch_shard(job.mesh, cfg.train.batch_size)  # the rows this process's devices hold
   return iter(pipeline.train_dataset(job.splits.train, job.builder, batch_size=cfg.train.batch_size // shards,
@@ -325,7 +419,7 @@ def _train_iterator(job: Job):
                                      pack_rows=job.pack_rows // shards,
                                      pack_groups=cfg.train.get("grad_accum_steps", 1),
                                      pack_items=job.pack_items, length_buckets=job.length_buckets,
-                                     image_multiple=shd.data_parallel_size(job.mesh)))
+                                     image_multiple=shd.data_parallel_size(job.mesh), features=features_table))
 
 
 def _truncate_log(path: pathlib.Path, step: int) -> None:
@@ -383,7 +477,8 @@ def step_flops(job: Job, batch_shapes: dict | None = None) -> float | None:
   if batch_shapes is None:
     shapes = flops.step_shapes(job.builder.layout, job.cfg.train.batch_size,
                                images=job.image_budget or None,
-                               full_rows=job.pack_rows or None, items_packed=job.pack_items)
+                               full_rows=job.pack_rows or None, items_packed=job.pack_items,
+                               cached=job.feature_cache)
   else:
     shapes = flops.batch_step_shapes(job.builder.layout, batch_shapes)
   try:
@@ -405,7 +500,22 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
   cfg = job.cfg
   batch_size = cfg.train.batch_size
   policy = checkpoint.nonfinite_policy(cfg)
-  train_iter = _train_iterator(job)
+  table, encode_seconds = None, None
+  if job.feature_cache:  # the frozen weights: the state's, or (resuming) the checkpoint's
+    start = time.perf_counter()
+    if state is None:
+      abstract = job.trainer.abstract_state
+      params, frozen = ckpt.restore_model(ckpt.latest_step(), abstract.params, abstract.frozen, config=cfg.to_dict())
+    else:
+      params, frozen = state.params, state.frozen
+    table = encode_features(job, params, frozen)
+    del params, frozen
+    encode_seconds = round(time.perf_counter() - start, 2)
+    if job.is_main:
+      print(f"pixrec_jax: train.cache_image_features: {table.num_rows} image tiles encoded in {encode_seconds} s "
+            f"into {table.path} ({table.num_rows * np.prod(table.row_shape) * table.dtype.itemsize / 2**20:.1f} MiB)",
+            flush=True)
+  train_iter = _train_iterator(job, table)
   log_path = job.workdir / "train_log.jsonl"
   dropped = 0
   if state is None:
@@ -482,7 +592,8 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
   summary = {"train_steps": job.steps, "train_seconds": round(time.perf_counter() - start, 2),
              "final_train_metrics": last, "dropped_history_items": dropped, "pack_rows": job.pack_rows,
              "pack_items": job.pack_items, "image_budget": job.image_budget,
-             "length_buckets": job.length_buckets, "batch_shapes": len(flops_of)}
+             "length_buckets": job.length_buckets, "batch_shapes": len(flops_of),
+             "cache_image_features": job.feature_cache or None, "feature_encoding_seconds": encode_seconds}
   if preempted_at is not None:
     summary["preempted_at_step"] = preempted_at
   return state, summary

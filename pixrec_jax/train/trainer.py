@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pixrec_jax import sharding as shd
 from pixrec_jax import host_memory, xla_options
+from pixrec_jax.data import packing
 from pixrec_jax.models import lora
 from pixrec_jax.recsys import losses
 from pixrec_jax.recsys.losses import LossWeights, mixed_loss
@@ -184,12 +185,11 @@ class Trainer:
     # encodes them once, before the microbatches; pass 2 sums each microbatch's gradient in those features
     # and one backward pass through the tower ends the step.
     packed = "image_index" in batch
-    shared = {name: batch[name] for name in ("images", "pixel_lut") if packed and name in batch}
+    shared = {name: batch[name] for name in packing.shared_keys(batch) if packed and name in batch}
     rows, rows_vjp = None, None
     if packed:
       def encode_rows(params):  # the key k is no microbatch's: the tower's own (LoRA dropout, if any)
-        return self._model(params, state.frozen, self._dropout_key(state.step, k)).image_rows(
-            shared["images"], shared.get("pixel_lut"))
+        return self._model(params, state.frozen, self._dropout_key(state.step, k)).packed_rows(shared)
       rows, rows_vjp = jax.vjp(encode_rows, state.params)
     # Microbatch j is rows j, j + k, j + 2k, ...: a batch sharded in row blocks stays sharded over
     # every device in each microbatch.

@@ -1,0 +1,110 @@
+"""A frozen vision tower's features of every catalogue image tile, computed once (train.cache_image_features).
+
+In the paper's training mode (train.trainable=heads_lm_head) the vision tower and the connector never
+change, so every image tile's language-model tokens are the same at every step; with
+train.trainable=frozen_vision the tower's own output is. The train step still spends most of its time
+recomputing them: at the paper's batch of 1, smolvlm_256m's vision forward is most of the step.
+
+With train.cache_image_features the job encodes each distinct (item, tile) of the catalogue once before
+training (`pixrec_jax.train.run.encode_features`, a progress bar) into a table in WORKDIR/features, one
+row per tile, and the input pipeline sends a batch's rows of that table in place of its pixels, packed
+as data.image_budget packs pixels: `image_features` (rows, T, D_text), the connector's output, where the
+connector is frozen too, or `vision_features` (rows, P, D_vision), the tower's, which the step passes
+through the (training) connector. The table is a .npy file each data worker maps read-only, so the page
+cache holds one copy per host however many workers read it.
+
+Only the frozen part is skipped: every trained parameter sees the same inputs as without the cache, so
+the loss and gradients are the uncached step's up to rounding (tests/test_features.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import ml_dtypes
+import numpy as np
+
+# Batch fields of packed image rows, by what they hold: pixels (pipeline.pack_images), or a frozen
+# tower's cached features: the connector's output, or the vision tower's.
+IMAGE_FEATURES = "image_features"
+VISION_FEATURES = "vision_features"
+ROW_KEYS = ("images", IMAGE_FEATURES, VISION_FEATURES)
+
+
+def rows_key(batch) -> str:
+  """Which ROW_KEYS field holds a packed batch's image rows (a batch or a {name: shape} mapping)."""
+  keys = [k for k in ROW_KEYS if k in batch]
+  if len(keys) != 1:
+    raise ValueError(f"a packed batch holds its image rows in one of {ROW_KEYS}; this one has {keys or 'none'}")
+  return keys[0]
+
+
+def catalog_tiles(store, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+  """(first, counts) int64 (num_items,): each item's first row in the table, -1 without an image, and its
+  tile count (grid rows x cols + the global image; 0 without an image). Rows follow item order."""
+  counts = np.zeros(num_items, np.int64)
+  for item in range(num_items):
+    if store.has_image(item):
+      rows, cols = store.grid(item)
+      counts[item] = rows * cols + 1
+  first = np.where(counts > 0, np.cumsum(counts) - counts, -1)
+  return first, counts
+
+
+def _storage(dtype: np.dtype) -> np.dtype:
+  """What the .npy file stores: numpy has no bfloat16 of its own, so its bits as uint16."""
+  return np.dtype(np.uint16) if dtype == ml_dtypes.bfloat16 else dtype
+
+
+@dataclasses.dataclass
+class FeatureTable:
+  """Row `first[item] + tile` of the .npy file at `path`: item's tile's features, `dtype`, shape row_shape.
+  Picklable into grain's workers: each maps the file itself, on first use."""
+
+  path: str
+  key: str  # IMAGE_FEATURES or VISION_FEATURES: the batch field its rows go to
+  first: np.ndarray  # (num_items,) from catalog_tiles
+  counts: np.ndarray
+  row_shape: tuple[int, ...]
+  dtype: np.dtype
+
+  def __post_init__(self):
+    if self.key not in (IMAGE_FEATURES, VISION_FEATURES):
+      raise ValueError(f"FeatureTable.key must be {IMAGE_FEATURES!r} or {VISION_FEATURES!r}, got {self.key!r}")
+    self.dtype = np.dtype(self.dtype)
+    self._rows = None
+
+  @property
+  def num_rows(self) -> int:
+    return int(self.counts.sum())
+
+  def create(self) -> np.ndarray:
+    """The file, new, mapped for writing (the job's encoding pass fills it): (num_rows,) + row_shape."""
+    pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+    self._rows = None
+    out = np.lib.format.open_memmap(self.path, mode="w+", dtype=_storage(self.dtype),
+                                    shape=(self.num_rows,) + tuple(self.row_shape))
+    return out.view(self.dtype)
+
+  def rows(self) -> np.ndarray:
+    """The whole table, mapped read-only."""
+    if self._rows is None:
+      rows = np.load(self.path, mmap_mode="r")
+      want = (self.num_rows,) + tuple(self.row_shape)
+      if rows.shape != want or rows.dtype != _storage(self.dtype):
+        raise ValueError(f"{self.path}: a feature table of {rows.shape} {rows.dtype}, not the catalogue's {want} "
+                         f"{_storage(self.dtype)}: it was written for another model or dataset")
+      self._rows = rows.view(self.dtype)
+    return self._rows
+
+  def row(self, item: int, tile: int) -> np.ndarray:
+    """(row_shape) features of `item`'s tile `tile`."""
+    if not 0 <= tile < self.counts[item]:
+      raise ValueError(f"item {item} has {int(self.counts[item])} image tiles in the feature table, not tile {tile}")
+    return self.rows()[self.first[item] + tile]
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_rows"] = None  # each process maps the file itself
+    return state
