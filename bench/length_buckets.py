@@ -7,7 +7,9 @@ steps whose batch shape had been compiled before (the steady step), the seconds 
 each new shape (compilation), the total, the shapes seen, and the share of the full pass's tokens and
 of the image rows (or slots) encoded that are real. Both runs end at the same loss. The state starts
 random (the trainer's random_state, as in bench/train_step.py): the values do not move the step's time.
-The last line is one JSON object with the figures.
+The last line is one JSON object with the figures. The paper option's feature table (train.cache_image_features)
+is on in both runs, as in training; session 20's figures in BENCHMARKS.md predate it (add
+--config.train.cache_image_features=False to encode pixels as they did).
 
   python bench/length_buckets.py --config configs/demo.py:paper --steps 60
   python bench/length_buckets.py --config configs/smolvlm_256m.py:paper --steps 12 --config.model.dtype=float32
@@ -27,21 +29,30 @@ from pixrec_jax import config_lib, host_memory
 
 
 def _image_rows(batch: dict) -> tuple[int, int]:
-  """(tiles, rows) the vision tower encodes: packed rows (data.image_budget) or slots; (0, 0) text only."""
+  """(tiles, rows) the vision tower encodes (or a feature table gives): packed rows (data.image_budget) or
+  slots; (0, 0) text only."""
+  from pixrec_jax.data import features  # pylint: disable=import-outside-toplevel
   if "image_index" in batch:
-    return len(np.unique(batch["image_index"][batch["image_valid"].astype(bool)])), len(batch["images"])
+    rows = len(batch[features.rows_key(batch)])
+    return len(np.unique(batch["image_index"][batch["image_valid"].astype(bool)])), rows
   valid = batch.get("image_valid", np.zeros(0))
   return int(np.count_nonzero(valid)), int(valid.size)
 
 
-def _run(cfg, steps: int, workdir: str) -> dict:
+def run_steps(cfg, steps: int, workdir: str) -> dict:
+  """`steps` training batches of the job `cfg` builds through its train step, timed one by one (also
+  bench/feature_cache.py's loop). With train.cache_image_features the table is encoded first (timed)."""
   # Imported once host_memory.prepare has run: importing the trainer starts jax's backends.
   from pixrec_jax.data import buckets, pipeline  # pylint: disable=import-outside-toplevel
   from pixrec_jax.train import run  # pylint: disable=import-outside-toplevel
 
   job = run.setup(cfg, workdir)
-  it = run._train_iterator(job)  # as training reads it
   state = job.trainer.random_state(cfg.seed)
+  start, table = time.perf_counter(), None
+  if job.feature_cache:
+    table = run.encode_features(job, state.params, state.frozen)
+  encode_s = round(time.perf_counter() - start, 2) if table else None
+  it = run._train_iterator(job, table)  # as training reads it
   seen, steady, first, real, total = set(), [], [], np.zeros(2), np.zeros(2)
   for _ in range(steps):
     batch = pipeline.split_bookkeeping(next(it))[0]
@@ -54,7 +65,8 @@ def _run(cfg, steps: int, workdir: str) -> dict:
     jax.block_until_ready((state, metrics))
     (steady if key in seen else first).append(time.perf_counter() - start)
     seen.add(key)
-  return {"length_buckets": job.length_buckets, "steps": steps, "shapes": len(seen),
+  return {"length_buckets": job.length_buckets, "cache_image_features": job.feature_cache or None,
+          "encode_s": encode_s, "steps": steps, "shapes": len(seen),
           "step_s": round(statistics.median(steady), 4) if steady else None,
           "first_steps_s": round(sum(first), 2), "total_s": round(sum(steady) + sum(first), 2),
           "real_token_share": round(real[0] / total[0], 3),
@@ -74,7 +86,7 @@ def main(argv=None) -> dict:
   for name, k in (("static", 0), ("cut", args.buckets)):
     cfg, _ = config_lib.parse_args(["--config", args.config, *rest, f"--config.data.length_buckets={k}"])
     with tempfile.TemporaryDirectory() as workdir:
-      results[name] = _run(cfg, args.steps, workdir)
+      results[name] = run_steps(cfg, args.steps, workdir)
     r = results[name]
     print(f"{name} (data.length_buckets={k}): steady step {r['step_s']} s, {r['shapes']} shape(s) compiled in "
           f"{r['first_steps_s']} s, {r['total_s']} s in all; real: {r['real_token_share']:.0%} of the full pass's "

@@ -28,7 +28,10 @@ their rate (on a CPU, where MFU has no peak to divide by).
       --config.model.dtype=float32 --matmul-rate
 
 `--config.data.pack_rows=R` packs the batch's full prompts into R rows (pixrec_jax/data/packing.py); the
-PyTorch reference still runs a row per prompt, as the paper's code does.
+PyTorch reference still runs a row per prompt, as the paper's code does. With train.cache_image_features
+(the `:paper` option sets it) our step reads the batch's packed image rows as the frozen tower's features,
+computed once before the timed steps (as training does for the catalogue: pixrec_jax/data/features.py), and
+the reference encodes the pixels every step, as the paper's code does.
 """
 
 from __future__ import annotations
@@ -163,6 +166,33 @@ def backbone_config(cfg):
     if "vision" in model and model.get("image_token_id") is None:
       model.image_token_id = SYNTHETIC_IMAGE_TOKEN
   return zoo.backbone_config(model)
+
+
+def cached_batch(trainer, state, batch: dict) -> tuple[dict, str]:
+  """(batch, what is cached) as train.cache_image_features gives it to the step: its packed pixel rows replaced
+  by the frozen part of the image path's output (pixrec_jax.data.features; "connector": the tower's and the
+  connector's, "vision": the tower's), computed here once, outside the timed steps."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from pixrec_jax.data import features  # pylint: disable=import-outside-toplevel
+  from pixrec_jax.recsys.model import decode_pixels  # pylint: disable=import-outside-toplevel
+  from pixrec_jax.train import run  # pylint: disable=import-outside-toplevel
+
+  level = run.frozen_image_path(trainer)
+  if not level:
+    raise SystemExit("train.cache_image_features needs a frozen vision tower: use train.trainable=heads_lm_head "
+                     "or frozen_vision, or set it False")
+
+  def encode(state, images, lut):
+    backbone = trainer.model(state).backbone
+    pixels = decode_pixels(images, lut)
+    return backbone.image_features(pixels) if level == "connector" else backbone.vision_model(pixels, None)
+
+  with jax.set_mesh(trainer.mesh):
+    rows = np.asarray(jax.device_get(jax.jit(encode)(state, batch["images"], batch["pixel_lut"])))
+  out = {k: v for k, v in batch.items() if k not in ("images", "pixel_lut")}
+  out[features.IMAGE_FEATURES if level == "connector" else features.VISION_FEATURES] = rows
+  return out, level
 
 
 def build_trainer(cfg, bcfg, text_only: bool, runtime: dict | None = None):
@@ -358,6 +388,9 @@ def main(argv=None) -> dict:
   bcfg = backbone_config(cfg)
   layout = layout_for(bcfg, max_history=cfg.data.max_history, text_only=text_only, item_tokens=args.item_tokens)
   image_budget = 0 if text_only else cfg.data.get("image_budget", 0)
+  cache = bool(cfg.train.get("cache_image_features", False)) and not text_only
+  if cache and not image_budget:  # the table's rows travel packed: every slot of the batch (as run.setup does)
+    image_budget = batch_size * layout.example_image_slots
   batch = synthetic_batch(layout, batch=batch_size, vocab=bcfg.text.vocab_size,
                           image_token=bcfg.image_token_id or 0, seed=cfg.seed, image_budget=image_budget)
   image_budget = batch["images"].shape[0] if "image_index" in batch else 0  # resolved (-1; no images: 0)
@@ -403,6 +436,9 @@ def main(argv=None) -> dict:
   # the values do not change the step's speed (tests/test_random_state.py checks the state).
   state = [trainer.random_state(cfg.seed)]
   metrics = [None]
+  cached = ""
+  if cache:
+    batch, cached = cached_batch(trainer, state[0], batch)
 
   def step():
     state[0], metrics[0] = trainer.step(state[0], batch)
@@ -447,7 +483,7 @@ def main(argv=None) -> dict:
   n_dev = trainer.mesh.size
   kind = jax.devices()[0].device_kind
   shapes = flops.step_shapes(layout, batch_size, images=image_budget or None, full_rows=pack_rows or None,
-                             items_packed=pack_items)
+                             items_packed=pack_items, cached=cached)
   if length_buckets:  # this batch's own cut shapes
     shapes = flops.batch_step_shapes(layout, {k: np.shape(v) for k, v in batch.items()})
   count = flops.train_flops(bcfg, shapes, proj_dim=cfg.pixrec.proj_dim, trainable=cfg.train.trainable,
@@ -457,7 +493,7 @@ def main(argv=None) -> dict:
       "bench": "train_step", "config": args.config, "device": kind, "num_devices": n_dev, "platform":
       jax.devices()[0].platform, "batch": batch_size, "seq_len": shapes.seq_len, "item_len": shapes.item_len,
       "images_per_step": shapes.images, "image_budget": image_budget, "pack_rows": pack_rows, "pack_items": pack_items,
-      "length_buckets": length_buckets,
+      "length_buckets": length_buckets, "cache_image_features": cached or None,
       "dtype": rt.dtype, "attention": rt.attention,
       "runtime": dataclasses.asdict(rt), "trainable": cfg.train.trainable, "step_s": round(step_s, 5),
       "warmup_s": round(warm_s, 1), "cpu_s_per_step": round(cpu_s, 4), "examples_per_s": round(batch_size / step_s, 3),
@@ -476,7 +512,8 @@ def main(argv=None) -> dict:
     print(f"on a device-resident batch: {resident_s * 1e3:.1f} ms, {result['resident_examples_per_s']:.2f} examples/s")
   rows = f" in {pack_rows} packed rows" + (" with their items" if pack_items else "") if pack_rows else ""
   print(f"{args.config}: batch {batch_size}{rows}"
-        + f", seq {shapes.seq_len}/{shapes.item_len}{' (cut)' * bool(length_buckets)}, {shapes.images} images/step, "
+        + f", seq {shapes.seq_len}/{shapes.item_len}{' (cut)' * bool(length_buckets)}, {shapes.images} images/step"
+        + (f" (cached {cached} features)" if cached else "") + ", "
         f"{rt.dtype} compute, {rt.attention} attention on {n_dev} x {kind}")
   print(f"step {step_s * 1e3:.1f} ms (median of {args.rounds} x {args.steps}), {result['examples_per_s']:.2f} "
         f"examples/s, {result['tflops_per_device']:.2f} TFLOP/s per device"

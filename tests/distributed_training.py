@@ -41,8 +41,8 @@ TINY = {
 }
 
 
-def config(workdir, data, process_id, num_processes, port):
-  overrides = {**TINY, "data.path": data}
+def config(workdir, data, process_id, num_processes, port, **extra):
+  overrides = {**TINY, "data.path": data, **extra}
   if num_processes > 1:
     overrides.update({"distributed.enabled": "true", "distributed.coordinator_address": f"127.0.0.1:{port}",
                       "distributed.num_processes": num_processes, "distributed.process_id": process_id})
@@ -103,6 +103,19 @@ def main(workdir, data, process_id, num_processes, port):
   for _ in range(STEPS_AFTER_RESTORE):
     restored, metrics = job.trainer.step(restored, pipeline.split_bookkeeping(next(batches))[0])
     losses_after_restore.append(float(metrics["loss"]))
+
+  # train.cache_image_features: each process encodes the whole table (the tiles in blocks over the processes'
+  # devices, gathered) into its own file, and its batches carry their rows of it.
+  cached = run.setup(config(workdir + "_cached", data, process_id, num_processes, port,
+                            **{"train.trainable": "heads_lm_head", "train.cache_image_features": "true"}),
+                     workdir + "_cached")
+  cached_state = run.init_state(cached)
+  table = run.encode_features(cached, cached_state.params, cached_state.frozen)
+  cached_batches = run._train_iterator(cached, table)
+  cached_losses = []
+  for _ in range(STEPS_AFTER_RESTORE):
+    cached_state, metrics = cached.trainer.step(cached_state, pipeline.split_bookkeeping(next(cached_batches))[0])
+    cached_losses.append(float(metrics["loss"]))
   print(json.dumps({
       "process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
       "local_devices": jax.local_device_count(), "rows": [shard, shards],
@@ -110,7 +123,8 @@ def main(workdir, data, process_id, num_processes, port):
       "eval": results, "eval_users": {split: report["users"] for split, report in reports.items()},
       "restored_equal": bool(same), "restored_shardings_equal": same_shardings,
       "arrays_sharded_across_processes": int(sharded_across_processes),
-      "losses_after_restore": losses_after_restore}))
+      "losses_after_restore": losses_after_restore, "feature_cache": cached.feature_cache,
+      "feature_table_sum": float(np.asarray(table.rows(), np.float64).sum()), "cached_losses": cached_losses}))
 
 
 if __name__ == "__main__":

@@ -277,3 +277,16 @@ def test_train_step_bench_cuts_its_batch_as_training_does_with_length_buckets():
   assert cut["seq_len"] < static["seq_len"] and cut["item_len"] <= static["item_len"]
   assert cut["tflop_per_step"] < static["tflop_per_step"]
   np.testing.assert_allclose(cut["loss"], static["loss"], rtol=1e-5)
+
+
+def test_feature_cache_bench_trains_the_same_batches_from_pixels_and_from_the_table(capsys):
+  """bench/feature_cache.py: both runs train on the same windows (the same final loss); the cached one encodes
+  the table first and says how long that took."""
+  result = _bench_module("feature_cache").main([
+      "--config", "configs/demo.py:paper", "--steps", "6", "--config.data.synthetic.num_users=60",
+      "--config.model.text.num_hidden_layers=1", "--config.model.vision.num_hidden_layers=1"])
+  pixels, cached = result["pixels"], result["cached"]
+  assert (pixels["cache_image_features"], cached["cache_image_features"]) == (None, "connector")
+  assert pixels["encode_s"] is None and cached["encode_s"] > 0 and result["steady_speedup"] > 0
+  np.testing.assert_allclose(cached["final_loss"], pixels["final_loss"], rtol=1e-5)
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result

@@ -105,6 +105,18 @@ def test_checkpoint_saved_by_both_processes_restores(runs):
   assert single["restored_equal"]
 
 
+@pytest.mark.slow
+def test_each_process_encodes_the_whole_feature_table_and_trains_like_one(runs):
+  """train.cache_image_features on two processes: both tables equal the one process's, and so do the losses of
+  the steps that read them."""
+  out, _ = runs
+  (single,), multi = out["single"], out["multi"]
+  assert {r["feature_cache"] for r in multi + [single]} == {"connector"}
+  for report in multi:
+    np.testing.assert_allclose(report["feature_table_sum"], single["feature_table_sum"], rtol=1e-6)
+    np.testing.assert_allclose(report["cached_losses"], single["cached_losses"], atol=1e-5, rtol=0)
+
+
 def test_hosts_read_disjoint_blocks_that_make_up_the_one_host_batches(text_builder, small_splits):
   def batches(**kw):
     it = iter(pipeline.train_dataset(small_splits.train, text_builder, seed=3, **kw))
