@@ -346,7 +346,7 @@ def encode_features(job: Job, params, frozen) -> features.FeatureTable:
 
   # As many tiles a batch as the train step's image rows (a multiple of the data-parallel devices): what fits
   # wherever the step does (the step also keeps their activations for a backward pass). A larger batch is no
-  # faster: on 2 CPU cores 128 of smolvlm_256m's 512 px tiles took 360 s at once, in 6s 170 s.
+  # faster: on 2 CPU cores 100 of smolvlm_256m's 512 px tiles took 361 s in one batch of 128, 158 s in 6s.
   settings = dataclasses.replace(eval_settings(job), batch_size=job.image_budget)
   row = 0
   for rows in ranking.embedded_batches(fn, graphdef, states, keys, make, job.mesh, settings, "encode image tiles"):
