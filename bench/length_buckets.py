@@ -39,9 +39,10 @@ def _image_rows(batch: dict) -> tuple[int, int]:
   return int(np.count_nonzero(valid)), int(valid.size)
 
 
-def run_steps(cfg, steps: int, workdir: str) -> dict:
+def run_steps(cfg, steps: int, workdir: str, after=None) -> dict:
   """`steps` training batches of the job `cfg` builds through its train step, timed one by one (also
-  bench/feature_cache.py's loop). With train.cache_image_features the table is encoded first (timed)."""
+  bench/feature_cache.py's loop). With train.cache_image_features the table is encoded first (timed).
+  after(job, state, table): more figures, measured once the steps have run."""
   # Imported once host_memory.prepare has run: importing the trainer starts jax's backends.
   from pixrec_jax.data import buckets, pipeline  # pylint: disable=import-outside-toplevel
   from pixrec_jax.train import run  # pylint: disable=import-outside-toplevel
@@ -65,7 +66,8 @@ def run_steps(cfg, steps: int, workdir: str) -> dict:
     jax.block_until_ready((state, metrics))
     (steady if key in seen else first).append(time.perf_counter() - start)
     seen.add(key)
-  return {"length_buckets": job.length_buckets, "cache_image_features": job.feature_cache or None,
+  extra = after(job, state, table) if after else {}
+  return {**extra, "length_buckets": job.length_buckets, "cache_image_features": job.feature_cache or None,
           "encode_s": encode_s, "steps": steps, "shapes": len(seen),
           "step_s": round(statistics.median(steady), 4) if steady else None,
           "first_steps_s": round(sum(first), 2), "total_s": round(sum(steady) + sum(first), 2),

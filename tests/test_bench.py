@@ -284,8 +284,10 @@ def test_feature_cache_bench_trains_the_same_batches_from_pixels_and_from_the_ta
   the table first and says how long that took."""
   result = _bench_module("feature_cache").main([
       "--config", "configs/demo.py:paper", "--steps", "6", "--config.data.synthetic.num_users=60",
-      "--config.model.text.num_hidden_layers=1", "--config.model.vision.num_hidden_layers=1"])
+      "--config.model.text.num_hidden_layers=1", "--config.model.vision.num_hidden_layers=1", "--eval-items", "5"])
   pixels, cached = result["pixels"], result["cached"]
+  assert pixels["eval_items"] == cached["eval_items"] == 5 and pixels["eval_s"] > 0 and cached["eval_s"] > 0
+  assert result["eval_max_abs_difference"] < 1e-5  # the catalogue pass reads the table and embeds alike
   assert (pixels["cache_image_features"], cached["cache_image_features"]) == (None, "connector")
   assert pixels["encode_s"] is None and cached["encode_s"] > 0 and result["steady_speedup"] > 0
   np.testing.assert_allclose(cached["final_loss"], pixels["final_loss"], rtol=1e-5)

@@ -1,7 +1,7 @@
 """train.cache_image_features: a frozen tower's features of every catalogue tile, computed once, give the
 train step the loss, gradients and update it gets from the pixels."""
 
-import itertools
+import dataclasses
 import json
 import pickle
 
@@ -152,3 +152,26 @@ def test_workers_read_the_table_from_the_file(tmp_path):
   assert rows.dtype == ml_dtypes.bfloat16 and rows.shape[0] == job.image_budget
   used = np.unique(batch["image_index"][batch["image_valid"].astype(bool)])
   assert used.size and np.abs(rows[used].astype(np.float32)).sum() > 0
+
+
+@pytest.mark.parametrize("trainable", ["heads_lm_head", "frozen_vision"])
+def test_the_runs_evaluation_reads_the_table_and_embeds_as_the_pixels_do(tmp_path, trainable):
+  """After train() the job's dense towers read the table in place of pixels: the catalogue's and the users'
+  embeddings are the pixels' (the connector maps the tower's rows where it trains)."""
+  from pixrec_jax.eval import ranking  # pylint: disable=import-outside-toplevel
+  job = run.setup(_config(f"--config.train.trainable={trainable}"), tmp_path)
+  state, _ = run.train(job, run.init_state(job))
+  settings = run.eval_settings(job)
+  assert settings.features is job.features_table and settings.features.key in features.ROW_KEYS
+  prefix = "item_" + settings.features.key
+  assert prefix in next(iter(pipeline.catalog_dataset(job.builder, [0, 1], 2, features=settings.features)))
+  states = (state.params, state.frozen)
+  plain = dataclasses.replace(settings, features=None)
+  for what in ("catalog", "user"):
+    if what == "catalog":
+      got, want = (ranking.catalog_embeddings(job.trainer.graphdef, states, job.builder, run.item_input_keys(job),
+                                              job.mesh, s) for s in (settings, plain))
+    else:
+      got, want = (ranking.user_embeddings(job.trainer.graphdef, states, job.builder, job.splits.test, job.mesh, s)
+                   for s in (settings, plain))
+    np.testing.assert_allclose(got, want, atol=2e-6, err_msg=what)

@@ -283,24 +283,31 @@ class PromptBuilder:
       used += n
     return out, valid
 
-  def item_example(self, item: int) -> dict[str, np.ndarray]:
-    """An item read alone (item_prompt)."""
+  def _slots(self, out: dict, prefix: str, items: Sequence[int], slots: int, features) -> None:
+    """`prefix`_images and `prefix`_image_valid of the items' tiles; with a frozen tower's feature table
+    (data.features) its rows, in `prefix`_image_features (or _vision_features), in place of the pixels."""
+    pixels, out[f"{prefix}_image_valid"] = self._images(items, slots, pixels=features is None)
+    if features is None:
+      out[f"{prefix}_images"] = pixels
+    else:
+      out[f"{prefix}_{features.key}"] = features.slot_rows(items, slots)
+
+  def item_example(self, item: int, features=None) -> dict[str, np.ndarray]:
+    """An item read alone (item_prompt). features: a frozen tower's FeatureTable, read in place of pixels."""
     out = {}
     out["item_ids"], out["item_mask"] = self._pad(self.item_prompt(item), self.layout.item_len, f"item {item}")
     if not self.layout.text_only:
-      out["item_images"], out["item_image_valid"] = self._images([item] if self._has_image(item) else [],
-                                                                 self.layout.image_slots)
+      self._slots(out, "item", [item] if self._has_image(item) else [], self.layout.image_slots, features)
     return out
 
-  def user_example(self, history: Sequence[int]) -> dict[str, np.ndarray]:
-    """The user segment alone (evaluation: the target is unknown)."""
+  def user_example(self, history: Sequence[int], features=None) -> dict[str, np.ndarray]:
+    """The user segment alone (evaluation: the target is unknown). features: as item_example's."""
     history = list(history)[-self.layout.max_history:]
     ids, shown = self.user_segment(history)
     out = {}
     out["user_ids"], out["user_mask"] = self._pad(ids, self.layout.seq_len, "user prompt")
     if not self.layout.text_only:
-      out["user_images"], out["user_image_valid"] = self._images(shown, self.layout.max_history
-                                                                 * self.layout.image_slots)
+      self._slots(out, "user", shown, self.layout.max_history * self.layout.image_slots, features)
     return out
 
   def train_example(self, history: Sequence[int], target: int, pixels: bool = True) -> dict[str, np.ndarray]:

@@ -11,7 +11,9 @@ row per tile, and the input pipeline sends a batch's rows of that table in place
 as data.image_budget packs pixels: `image_features` (rows, T, D_text), the connector's output, where the
 connector is frozen too, or `vision_features` (rows, P, D_vision), the tower's, which the step passes
 through the (training) connector. The table is a .npy file each data worker maps read-only, so the page
-cache holds one copy per host however many workers read it.
+cache holds one copy per host however many workers read it. The evaluation of that run (the catalogue's and
+the users' dense embeddings, pixrec_jax.eval.ranking) reads the table too, in `item_image_features` /
+`user_image_features` slots (or `..._vision_features`) in place of `item_images` / `user_images`.
 
 Only the frozen part is skipped: every trained parameter sees the same inputs as without the cache, so
 the loss and gradients are the uncached step's up to rounding (tests/test_features.py).
@@ -103,6 +105,17 @@ class FeatureTable:
     if not 0 <= tile < self.counts[item]:
       raise ValueError(f"item {item} has {int(self.counts[item])} image tiles in the feature table, not tile {tile}")
     return self.rows()[self.first[item] + tile]
+
+  def slot_rows(self, items, slots: int) -> np.ndarray:
+    """(slots,) + row_shape: the items' tiles in token order from slot 0, as examples.PromptBuilder lays out
+    image slots; the rest zero (not valid)."""
+    out = np.zeros((slots,) + tuple(self.row_shape), self.dtype)
+    used = 0
+    for item in items:
+      n = int(self.counts[item])
+      out[used:used + n] = self.rows()[self.first[item]:self.first[item] + n]
+      used += n
+    return out
 
   def __getstate__(self):
     state = dict(self.__dict__)

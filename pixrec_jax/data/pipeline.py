@@ -15,6 +15,7 @@ padded to full batches with a validity mask so that nothing is dropped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import warnings
 from typing import Any, Sequence
@@ -360,11 +361,16 @@ def _eval_dataset(keys: Sequence[Any], make, batch_size: int, num_workers: int) 
   return it
 
 
-def catalog_dataset(builder: PromptBuilder, item_ids: Sequence[int], batch_size: int, num_workers: int = 0):
-  """The given catalogue items, each read alone, in the given order."""
-  return _eval_dataset([int(i) for i in item_ids], builder.item_example, batch_size, num_workers)
+def catalog_dataset(builder: PromptBuilder, item_ids: Sequence[int], batch_size: int, num_workers: int = 0,
+                    features: FeatureTable | None = None):
+  """The given catalogue items, each read alone, in the given order (with `features`, a frozen tower's
+  table, its rows in place of pixels)."""
+  return _eval_dataset([int(i) for i in item_ids], functools.partial(builder.item_example, features=features),
+                       batch_size, num_workers)
 
 
-def user_dataset(builder: PromptBuilder, histories: Sequence[np.ndarray], batch_size: int, num_workers: int = 0):
-  """History-only prompts, one per evaluation case, in order."""
-  return _eval_dataset(histories, builder.user_example, batch_size, num_workers)
+def user_dataset(builder: PromptBuilder, histories: Sequence[np.ndarray], batch_size: int, num_workers: int = 0,
+                 features: FeatureTable | None = None):
+  """History-only prompts, one per evaluation case, in order (`features` as catalog_dataset's)."""
+  return _eval_dataset(histories, functools.partial(builder.user_example, features=features), batch_size,
+                       num_workers)

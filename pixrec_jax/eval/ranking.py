@@ -19,7 +19,7 @@ import hashlib
 import json
 import pathlib
 import uuid
-from typing import Callable, Hashable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,9 @@ class EvalSettings:
   mask_history: bool = True
   num_workers: int = 0
   progress: bool = True
+  # A frozen tower's feature table (data.features.FeatureTable, train.cache_image_features): the dense towers
+  # read its rows in place of encoding pixels.
+  features: Any = dataclasses.field(default=None, compare=False)
 
 
 @functools.lru_cache(maxsize=8)
@@ -87,13 +90,13 @@ def embedded_batches(fn, graphdef, states, keys: Sequence, make_batches, mesh, s
 
 def _item_fn(model, batch):
   return l2_normalize(model.item_embedding(batch["item_ids"], batch["item_mask"], batch.get("item_images"),
-                                           batch.get("item_image_valid")))
+                                           batch.get("item_image_valid"), model.cached_slot_features(batch, "item")))
 
 
 def _user_fn(model, batch):
   mask = batch["user_mask"]
   return l2_normalize(model.user_embedding(batch["user_ids"], mask, mask, batch.get("user_images"),
-                                           batch.get("user_image_valid")))
+                                           batch.get("user_image_valid"), model.cached_slot_features(batch, "user")))
 
 
 def distinct_inputs(keys: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
@@ -117,14 +120,15 @@ def catalog_embeddings(graphdef, states, builder: PromptBuilder, item_keys: Sequ
   """(num_items, P) unit vectors, row i = item i. `item_keys[i]` identifies item i's input
   (e.g. its text and image hash): each distinct input is embedded once."""
   representatives, inverse = distinct_inputs(item_keys)
-  make = lambda ids, size: pipeline.catalog_dataset(builder, ids, size, settings.num_workers)
+  make = lambda ids, size: pipeline.catalog_dataset(builder, ids, size, settings.num_workers, settings.features)
   distinct = _embed(_item_fn, graphdef, states, representatives.tolist(), make, mesh, settings, "embed catalogue")
   return distinct[inverse]
 
 
 def user_embeddings(graphdef, states, builder: PromptBuilder, cases: Sequence[EvalCase], mesh,
                     settings: EvalSettings, what: str = "embed users") -> np.ndarray:
-  make = lambda histories, size: pipeline.user_dataset(builder, histories, size, settings.num_workers)
+  make = lambda histories, size: pipeline.user_dataset(builder, histories, size, settings.num_workers,
+                                                      settings.features)
   return _embed(_user_fn, graphdef, states, [c.history for c in cases], make, mesh, settings, what)
 
 

@@ -145,9 +145,23 @@ class PixRec(nnx.Module):
       positions = positions + self.backbone.first_position
     return self.backbone.hidden_states(embeds, mask, positions)
 
-  def user_embedding(self, ids, mask, user_mask, images=None, image_valid=None) -> jax.Array:
-    """user_proj(v_U) for a history-only prompt (the user segment alone)."""
-    feats = None if self.heads.text_only else self.encode_images(images)
+  def cached_slot_features(self, batch: dict, prefix: str) -> jax.Array | None:
+    """(B, P, T, D) language-model tokens of an evaluation batch's `prefix` ("item", "user") image slots read
+    from a frozen tower's feature table (data.features): `prefix`_image_features as they are,
+    `prefix`_vision_features through the connector; None where the batch carries pixels."""
+    if f"{prefix}_{features.IMAGE_FEATURES}" in batch:
+      return batch[f"{prefix}_{features.IMAGE_FEATURES}"]
+    if f"{prefix}_{features.VISION_FEATURES}" in batch:
+      x = batch[f"{prefix}_{features.VISION_FEATURES}"]
+      out = self.backbone.connector(x.reshape((-1,) + x.shape[2:]))
+      return out.reshape(x.shape[:2] + out.shape[1:])
+    return None
+
+  def user_embedding(self, ids, mask, user_mask, images=None, image_valid=None, feats=None) -> jax.Array:
+    """user_proj(v_U) for a history-only prompt (the user segment alone). images (B, M, C, H, W) or
+    precomputed feats (B, M, T, D)."""
+    if not self.heads.text_only and feats is None:
+      feats = self.encode_images(images)
     hidden = self._hidden(ids, mask, feats, image_valid)
     return self.user_proj(pool(hidden, user_mask, self.heads.pooling))
 

@@ -130,6 +130,7 @@ class Job:
   # train.cache_image_features: the frozen part of the image path whose output a table gives the step
   # (data.features): "connector" (the tower and the connector) or "vision" (the tower alone); "" off.
   feature_cache: str = ""
+  features_table: features.FeatureTable | None = None  # its table, once train() has encoded it
 
   @property
   def is_main(self) -> bool:
@@ -453,8 +454,7 @@ def _stop_if_nonfinite(state, step: int, ckpt: checkpoint.Checkpointer | None) -
 def validate(job: Job, state) -> dict[str, float]:
   """Validation metrics ("valid/recall@10", ...) of `state`, for keeping the best checkpoint."""
   cfg = job.cfg
-  settings = ranking.EvalSettings(batch_size=cfg.eval.batch_size, mask_history=cfg.eval.mask_history,
-                                  num_workers=cfg.data.num_workers, progress=False)
+  settings = dataclasses.replace(eval_settings(job), progress=False)
   states = (state.params, state.frozen)
   item_emb = ranking.catalog_embeddings(job.trainer.graphdef, states, job.builder, item_input_keys(job), job.mesh,
                                         settings)
@@ -518,6 +518,7 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
       print(f"pixrec_jax: train.cache_image_features: {table.num_rows} image tiles encoded in {encode_seconds} s "
             f"into {table.path} ({table.num_rows * np.prod(table.row_shape) * table.dtype.itemsize / 2**20:.1f} MiB)",
             flush=True)
+  job.features_table = table  # the run's evaluation reads it too (eval_settings)
   train_iter = _train_iterator(job, table)
   log_path = job.workdir / "train_log.jsonl"
   dropped = 0
@@ -616,9 +617,11 @@ def item_input_keys(job: Job) -> list:
 
 
 def eval_settings(job: Job) -> ranking.EvalSettings:
+  """The job's evaluation settings; after train() has encoded a frozen tower's table (train.cache_image_features),
+  the dense towers read it in place of pixels."""
   cfg = job.cfg
   return ranking.EvalSettings(batch_size=cfg.eval.batch_size, mask_history=cfg.eval.mask_history,
-                              num_workers=cfg.data.num_workers, progress=job.is_main)
+                              num_workers=cfg.data.num_workers, progress=job.is_main, features=job.features_table)
 
 
 def catalog_embeddings(job: Job, state, settings: ranking.EvalSettings) -> np.ndarray:
