@@ -34,6 +34,8 @@
 #              ($LOADER_WORKERS worker processes), against the examples/s of this run's smolvlm step
 #   buckets    bench/length_buckets.py on configs/smolvlm_256m.py:paper (batch 1, bf16, cuDNN attention): the
 #              same training batches cut to the lengths they use (data.length_buckets=4) and static
+#   cached     bench/feature_cache.py on configs/smolvlm_256m.py:paper (the same settings): the same training
+#              batches from the frozen tower's feature table (train.cache_image_features) and from pixels
 # PROFILE=1 also traces two steps of each model with jax.profiler ($OUT/<item>.xplane.pb, for XProf or
 # TensorBoard's profile plugin); TORCH=0 skips the PyTorch references; RESIDENT=1 also times each step on
 # a batch already on the device.
@@ -207,8 +209,11 @@ r=[x['examples_per_s'] for x in r if x['item'].startswith('smolvlm') and 'exampl
     buckets)
       run buckets 420 "$PY" bench/length_buckets.py --config configs/smolvlm_256m.py:paper --steps 40 \
         --config.model.dtype=bfloat16 --config.model.attention=cudnn ;;
+    cached)
+      run cached 420 "$PY" bench/feature_cache.py --config configs/smolvlm_256m.py:paper --steps 40 \
+        --config.model.dtype=bfloat16 --config.model.attention=cudnn --eval-items 64 ;;
     *) echo "unknown item $item (demo smolvlm[@B] smolvlm_loop smolvlm_packed[@B] smolvlm_items[@B] paligemma[@B] paligemma_pallas[@B]" \
-            "paligemma_packed[@B] attention update loader buckets)" ;;
+            "paligemma_packed[@B] attention update loader buckets cached)" ;;
   esac
 done
 
@@ -238,6 +243,12 @@ for name, r in rows.items():
     print(f"buckets ({r.get('config')}): steady step {r.get('static', {}).get('step_s')} s static, "
           f"{r.get('cut', {}).get('step_s')} s cut ({r.get('steady_speedup', r.get('error'))}x); "
           f"{r.get('cut', {}).get('shapes')} shapes")
+    summary[name] = r
+    continue
+  if name == "cached":
+    print(f"cached ({r.get('config')}): steady step {r.get('pixels', {}).get('step_s')} s from pixels, "
+          f"{r.get('cached', {}).get('step_s')} s from the table ({r.get('steady_speedup', r.get('error'))}x); "
+          f"the table encoded in {r.get('cached', {}).get('encode_s')} s")
     summary[name] = r
     continue
   if name == "loader":
