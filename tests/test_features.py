@@ -15,7 +15,8 @@ from pixrec_jax.data import features, pipeline
 from pixrec_jax.train import run
 
 SMALL = ["--config.data.synthetic.num_users=60", "--config.train.epochs=0", "--config.train.steps=6",
-         "--config.train.log_every=3"]
+         "--config.train.log_every=3", "--config.model.text.num_hidden_layers=1",
+         "--config.model.vision.num_hidden_layers=1"]
 
 
 def _config(*overrides, option="paper"):

@@ -103,15 +103,11 @@ class PixRec(nnx.Module):
 
   # -- pieces ----------------------------------------------------------------
 
-  def encode_images(self, images: jax.Array, index: jax.Array | None = None, lut: jax.Array | None = None
-                    ) -> jax.Array:
-    """(B, M, C, H, W) -> (B, M, T, D): every image slot's language-model tokens, computed once.
-    Packed rows (U, C, H, W) with index (B, M): each row encoded once, then given to its slots.
-    uint8 images with `lut` (3, 256): the pixels are lut[channel, value]."""
-    if index is not None:
-      return self.image_rows(images, lut)[index]
+  def encode_images(self, images: jax.Array) -> jax.Array:
+    """(B, M, C, H, W) -> (B, M, T, D): every image slot's language-model tokens, computed once (packed
+    rows: packed_rows)."""
     b, m = images.shape[:2]
-    feats = self.image_rows(images.reshape((b * m,) + images.shape[2:]), lut)
+    feats = self.image_rows(images.reshape((b * m,) + images.shape[2:]))
     return feats.reshape((b, m) + feats.shape[1:])
 
   def image_rows(self, images: jax.Array, lut: jax.Array | None = None) -> jax.Array:
@@ -183,10 +179,10 @@ class PixRec(nnx.Module):
       feats = None
     elif row_feats is not None:
       feats = row_feats[batch["image_index"]]
-    elif "image_index" in batch:
+    elif "image_index" in batch:  # packed rows: each distinct tile once, then given to its slots
       feats = self.packed_rows(batch)[batch["image_index"]]
     else:
-      feats = self.encode_images(batch["images"], batch.get("image_index"), batch.get("pixel_lut"))
+      feats = self.encode_images(batch["images"])
     target_valid = None
     if feats is not None:
       # The target's tiles come last among the valid slots; masking the history's out lets the
