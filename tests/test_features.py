@@ -3,6 +3,7 @@ train step the loss, gradients and update it gets from the pixels."""
 
 import dataclasses
 import json
+import pathlib
 import pickle
 
 import jax
@@ -176,3 +177,25 @@ def test_the_runs_evaluation_reads_the_table_and_embeds_as_the_pixels_do(tmp_pat
       got, want = (ranking.user_embeddings(job.trainer.graphdef, states, job.builder, job.splits.test, job.mesh, s)
                    for s in (settings, plain))
     np.testing.assert_allclose(got, want, atol=2e-6, err_msg=what)
+
+
+def test_a_rerun_reuses_the_table_and_another_config_encodes_it_again(tmp_path, capsys):
+  """The table is written with its fingerprint (config, dataset, checkpoint files): a run of the same config in
+  the same workdir (a resumed run) reads it as it is; one whose frozen weights differ (another seed) encodes
+  it again, and so does a run whose table was left half written (no fingerprint)."""
+  def train(*overrides):
+    job = run.setup(_config(*overrides), tmp_path)
+    _, summary = run.train(job, run.init_state(job))
+    return job.features_table, summary["feature_encoding_seconds"], capsys.readouterr().out
+
+  table, seconds, _ = train()
+  written = pathlib.Path(table.path).stat().st_mtime_ns
+  assert seconds > 0 and pathlib.Path(table.path + ".json").is_file()
+  again, seconds, out = train()
+  assert seconds is None and "train.cache_image_features: reusing" in out
+  assert pathlib.Path(again.path).stat().st_mtime_ns == written
+  _, seconds, out = train("--config.seed=1")
+  assert seconds > 0 and "reusing" not in out
+  pathlib.Path(table.path + ".json").unlink()
+  _, seconds, _ = train("--config.seed=1")
+  assert seconds > 0

@@ -14,6 +14,8 @@ through the (training) connector. The table is a .npy file each data worker maps
 cache holds one copy per host however many workers read it. The evaluation of that run (the catalogue's and
 the users' dense embeddings, pixrec_jax.eval.ranking) reads the table too, in `item_image_features` /
 `user_image_features` slots (or `..._vision_features`) in place of `item_images` / `user_images`.
+Beside the table lies its fingerprint (pixrec_jax.train.run.reusable_table): a resumed run reads the table
+it finds rather than encoding it again.
 
 Only the frozen part is skipped: every trained parameter sees the same inputs as without the cache, so
 the loss and gradients are the uncached step's up to rounding (tests/test_features.py).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from pixrec_jax import config_lib, flops, host_memory
@@ -329,10 +331,43 @@ def feature_table(job: Job) -> features.FeatureTable:
                                first, counts, tuple(shape.shape[1:]), np.dtype(shape.dtype))
 
 
+def _table_fingerprint(job: Job) -> str:
+  """What a feature table depends on: the config (less the groups that leave the weights alone), the
+  dataset's files, the checkpoint's weight files (names, sizes, modification times), the cached part and
+  the process count (a process's file follows the layout of its devices' blocks)."""
+  files = []
+  if job.cfg.model.path:
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in pathlib.Path(job.cfg.model.path).glob("*.safetensors"))
+  text = json.dumps([ranking.fingerprint(job.cfg.to_dict(), job.dataset.manifest), files, job.feature_cache,
+                     jax.process_count()], default=str)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _fingerprint_path(table: features.FeatureTable) -> pathlib.Path:
+  return pathlib.Path(table.path + ".json")
+
+
+def reusable_table(job: Job) -> features.FeatureTable | None:
+  """The job's feature table where WORKDIR/features holds a complete one written under the same fingerprint
+  (a resumed run, or a rerun of the same config: the frozen weights are the same), else None. Several
+  processes reuse only if every one can, as encoding is collective."""
+  table = feature_table(job)
+  try:
+    ok = json.loads(_fingerprint_path(table).read_text())["fingerprint"] == _table_fingerprint(job)
+    ok = ok and table.rows() is not None  # shape and dtype checked
+  except (OSError, ValueError, KeyError, TypeError):
+    ok = False
+  if jax.process_count() > 1:
+    ok = bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+  return table if ok else None
+
+
 def encode_features(job: Job, params, frozen) -> features.FeatureTable:
   """feature_table(job), written: every catalogue image tile through the frozen part of the image path
-  (job.feature_cache, from the weights `frozen`), once."""
+  (job.feature_cache, from the weights `frozen`), once; then its fingerprint beside it (reusable_table)."""
   table = feature_table(job)
+  _fingerprint_path(table).unlink(missing_ok=True)  # until the table is whole again
   store = job.builder.images
   keys = [(item, tile) for item in np.flatnonzero(table.counts) for tile in range(int(table.counts[item]))]
   fn = _features_fn(job.feature_cache)
@@ -356,6 +391,7 @@ def encode_features(job: Job, params, frozen) -> features.FeatureTable:
     row += len(rows)
   out.flush()
   del out
+  _fingerprint_path(table).write_text(json.dumps({"fingerprint": _table_fingerprint(job)}))
   return table
 
 
@@ -504,20 +540,27 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
   batch_size = cfg.train.batch_size
   policy = checkpoint.nonfinite_policy(cfg)
   table, encode_seconds = None, None
-  if job.feature_cache:  # the frozen weights: the state's, or (resuming) the checkpoint's
-    start = time.perf_counter()
-    if state is None:
-      abstract = job.trainer.abstract_state
-      params, frozen = ckpt.restore_model(ckpt.latest_step(), abstract.params, abstract.frozen, config=cfg.to_dict())
-    else:
-      params, frozen = state.params, state.frozen
-    table = encode_features(job, params, frozen)
-    del params, frozen
-    encode_seconds = round(time.perf_counter() - start, 2)
-    if job.is_main:
-      print(f"pixrec_jax: train.cache_image_features: {table.num_rows} image tiles encoded in {encode_seconds} s "
-            f"into {table.path} ({table.num_rows * np.prod(table.row_shape) * table.dtype.itemsize / 2**20:.1f} MiB)",
-            flush=True)
+  if job.feature_cache:
+    table = reusable_table(job)
+    if table is not None:
+      if job.is_main:
+        print(f"pixrec_jax: train.cache_image_features: reusing {table.path} ({table.num_rows} image tiles), "
+              "written under this config, dataset and checkpoint", flush=True)
+    else:  # the frozen weights: the state's, or (resuming) the checkpoint's
+      start = time.perf_counter()
+      if state is None:
+        abstract = job.trainer.abstract_state
+        params, frozen = ckpt.restore_model(ckpt.latest_step(), abstract.params, abstract.frozen,
+                                            config=cfg.to_dict())
+      else:
+        params, frozen = state.params, state.frozen
+      table = encode_features(job, params, frozen)
+      del params, frozen
+      encode_seconds = round(time.perf_counter() - start, 2)
+      if job.is_main:
+        print(f"pixrec_jax: train.cache_image_features: {table.num_rows} image tiles encoded in {encode_seconds} s "
+              f"into {table.path} ({table.num_rows * np.prod(table.row_shape) * table.dtype.itemsize / 2**20:.1f} "
+              "MiB)", flush=True)
   job.features_table = table  # the run's evaluation reads it too (eval_settings)
   train_iter = _train_iterator(job, table)
   log_path = job.workdir / "train_log.jsonl"
