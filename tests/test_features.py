@@ -158,9 +158,10 @@ def test_workers_read_the_table_from_the_file(tmp_path):
 
 @pytest.mark.parametrize("trainable", ["heads_lm_head", "frozen_vision"])
 def test_the_runs_evaluation_reads_the_table_and_embeds_as_the_pixels_do(tmp_path, trainable):
-  """After train() the job's dense towers read the table in place of pixels: the catalogue's and the users'
-  embeddings are the pixels' (the connector maps the tower's rows where it trains)."""
-  from pixrec_jax.eval import ranking  # pylint: disable=import-outside-toplevel
+  """After train() the job's evaluation reads the table in place of pixels: the catalogue's and the users'
+  embeddings are the pixels', and so are the generative protocol's beams (the connector maps the tower's rows
+  where it trains)."""
+  from pixrec_jax.eval import generative, ranking  # pylint: disable=import-outside-toplevel
   job = run.setup(_config(f"--config.train.trainable={trainable}"), tmp_path)
   state, _ = run.train(job, run.init_state(job))
   settings = run.eval_settings(job)
@@ -177,6 +178,20 @@ def test_the_runs_evaluation_reads_the_table_and_embeds_as_the_pixels_do(tmp_pat
       got, want = (ranking.user_embeddings(job.trainer.graphdef, states, job.builder, job.splits.test, job.mesh, s)
                    for s in (settings, plain))
     np.testing.assert_allclose(got, want, atol=2e-6, err_msg=what)
+  # The generative protocol's prompts read it too: the same beams, texts and scores.
+  gen = generative.GenerativeSettings.from_config(job.cfg.eval.generative, job.builder.layout.max_item_tokens,
+                                                  True, progress=False)
+  cases = job.splits.test[:4]
+  (texts, scores), (want_texts, want_scores) = (
+      generative.generate_for_cases(job.trainer.graphdef, states, job.builder, cases, g, job.mesh)
+      for g in (dataclasses.replace(gen, features=settings.features), gen))
+  assert texts == want_texts
+  np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+  blank = dataclasses.replace(settings.features, path=str(tmp_path / "blank.npy"))
+  blank.create().flush()  # all zeros: what the prompts read is the table's
+  _, blank_scores = generative.generate_for_cases(job.trainer.graphdef, states, job.builder, cases,
+                                                  dataclasses.replace(gen, features=blank), job.mesh)
+  assert np.abs(blank_scores - want_scores).max() > 1e-4
 
 
 def test_a_rerun_reuses_the_table_and_another_config_encodes_it_again(tmp_path, capsys):

@@ -12,8 +12,9 @@ as data.image_budget packs pixels: `image_features` (rows, T, D_text), the conne
 connector is frozen too, or `vision_features` (rows, P, D_vision), the tower's, which the step passes
 through the (training) connector. The table is a .npy file each data worker maps read-only, so the page
 cache holds one copy per host however many workers read it. The evaluation of that run (the catalogue's and
-the users' dense embeddings, pixrec_jax.eval.ranking) reads the table too, in `item_image_features` /
-`user_image_features` slots (or `..._vision_features`) in place of `item_images` / `user_images`.
+the users' dense embeddings, pixrec_jax.eval.ranking, and the generative protocol's prompts) reads the table
+too, in `item_image_features` / `user_image_features` slots (or `..._vision_features`) in place of
+`item_images` / `user_images`.
 Beside the table lies its fingerprint (pixrec_jax.train.run.reusable_table): a resumed run reads the table
 it finds rather than encoding it again.
 

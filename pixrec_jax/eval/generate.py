@@ -274,27 +274,30 @@ def beam_search(backbone, embeds: jax.Array, mask: jax.Array, ids: jax.Array, se
 
 
 def prompt_embeds(model, ids: jax.Array, images: jax.Array | None = None,
-                  image_valid: jax.Array | None = None) -> jax.Array:
+                  image_valid: jax.Array | None = None, cached: dict | None = None) -> jax.Array:
   """Token embeddings of prompts, image features in place of their image tokens. `model` is a
-  PixRec (images (B, M, C, H, W) by slot) or a bare Backbone (no images)."""
+  PixRec (images (B, M, C, H, W) by slot, or `cached`: a frozen tower's rows by slot,
+  {"user_image_features" or "user_vision_features": (B, M, ...)}, data.features) or a bare Backbone
+  (no images)."""
   backbone = getattr(model, "backbone", model)
-  if images is None:
+  if images is None and not cached:
     return backbone.embed(ids)
-  feats = model.encode_images(images)
+  feats = model.cached_slot_features(cached, "user") if cached else model.encode_images(images)
   n = feats.shape[0] * feats.shape[1]
   return backbone.embed(ids, feats.reshape((n,) + feats.shape[2:]), image_valid.reshape(n))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings", "eos_ids", "pad_id"))
-def _search(graphdef, states, ids, mask, images, image_valid, key, settings, eos_ids, pad_id):
+def _search(graphdef, states, ids, mask, images, image_valid, cached, key, settings, eos_ids, pad_id):
   model = nnx.merge(graphdef, *states)
-  embeds = prompt_embeds(model, ids, images, image_valid)
+  embeds = prompt_embeds(model, ids, images, image_valid, cached)
   return beam_search(getattr(model, "backbone", model), embeds, mask, ids, settings, eos_ids, pad_id, key)
 
 
 def generate(model_or_split: Any, ids: np.ndarray, mask: np.ndarray, settings: GenerationSettings,
              eos_ids: Sequence[int], pad_id: int, images: np.ndarray | None = None,
-             image_valid: np.ndarray | None = None, key: jax.Array | None = None) -> Beams:
+             image_valid: np.ndarray | None = None, key: jax.Array | None = None,
+             cached: dict | None = None) -> Beams:
   """Beam search from a batch of right-padded prompts (ids, mask: (B, P)); one compilation per
   model structure, batch shape and settings. `model_or_split`: an nnx module (PixRec or
   Backbone), or (graphdef, states) as nnx.split gives them."""
@@ -310,5 +313,5 @@ def generate(model_or_split: Any, ids: np.ndarray, mask: np.ndarray, settings: G
   static = dataclasses.replace(settings.validate(), seed=0)  # the seed travels in `key`: no recompilation
   tokens, scores, lengths = jax.device_get(
       _search(graphdef, tuple(states), jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), images,
-              image_valid, key, static, tuple(int(e) for e in eos_ids), int(pad_id)))
+              image_valid, cached or None, key, static, tuple(int(e) for e in eos_ids), int(pad_id)))
   return Beams(np.asarray(tokens), np.asarray(scores), np.asarray(lengths))

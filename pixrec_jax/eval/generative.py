@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -44,6 +44,9 @@ class GenerativeSettings:
   max_users: int = 0
   mask_history: bool = True
   progress: bool = True
+  # A frozen tower's feature table (data.features.FeatureTable, train.cache_image_features): the prompts'
+  # image slots read its rows in place of encoding pixels.
+  features: Any = dataclasses.field(default=None, compare=False)
 
   @classmethod
   def from_config(cls, gen: ml_collections.ConfigDict, layout_max_item_tokens: int, mask_history: bool,
@@ -93,10 +96,11 @@ def generate_for_cases(graphdef, states, builder: PromptBuilder, cases: Sequence
   began = time.perf_counter()
   for start in tqdm(range(0, len(padded), size), desc=what, unit="batch", disable=not settings.progress,
                     leave=False):
-    batch = _stack([builder.user_example(c.history) for c in padded[start:start + size]])
+    batch = _stack([builder.user_example(c.history, settings.features) for c in padded[start:start + size]])
+    cached = {k: v for k, v in batch.items() if k in ("user_image_features", "user_vision_features")}
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
       beams = generate((graphdef, states), batch["user_ids"], batch["user_mask"], settings.generation, eos,
-                       builder.pad_id, batch.get("user_images"), batch.get("user_image_valid"))
+                       builder.pad_id, batch.get("user_images"), batch.get("user_image_valid"), cached=cached)
     texts += decode(tok, beams)
     scores.append(beams.scores)
     if timings is not None and start == 0:

@@ -692,8 +692,10 @@ def evaluate(job: Job, state) -> tuple[dict, dict]:
     item_emb = catalog_embeddings(job, state, settings)
     seen = baselines.seen_items(job.splits, job.dataset.num_items)
   if protocol != "dense":
-    gen_settings = generative.GenerativeSettings.from_config(cfg.eval.generative, job.builder.layout.max_item_tokens,
-                                                             cfg.eval.mask_history, job.is_main)
+    gen_settings = dataclasses.replace(
+        generative.GenerativeSettings.from_config(cfg.eval.generative, job.builder.layout.max_item_tokens,
+                                                  cfg.eval.mask_history, job.is_main),
+        features=job.features_table)  # the prompts' images from the run's feature table, where it has one
     index = bm25.CatalogIndex(job.builder.item_texts)
   results, reports = {}, {}
   for split in cfg.eval.splits:
