@@ -381,9 +381,12 @@ def encode_features(job: Job, params, frozen) -> features.FeatureTable:
              "valid": np.ones(len(chunk), bool)}
 
   # As many tiles a batch as the train step's image rows (a multiple of the data-parallel devices): what fits
-  # wherever the step does (the step also keeps their activations for a backward pass). A larger batch is no
-  # faster: on 2 CPU cores 100 of smolvlm_256m's 512 px tiles took 361 s in one batch of 128, 158 s in 6s.
-  settings = dataclasses.replace(eval_settings(job), batch_size=job.image_budget)
+  # wherever the step does (the step also keeps their activations for a backward pass). On the CPU one tile a
+  # device: there a larger batch is slower (2 cores, 100 of smolvlm_256m's 512 px tiles: 361 s in batches of
+  # 128, 157-166 s in 6s, 134 s in 2s, 126 s one at a time).
+  dp = shd.data_parallel_size(job.mesh)
+  cpu = job.mesh.devices.flat[0].platform == "cpu"
+  settings = dataclasses.replace(eval_settings(job), batch_size=dp if cpu else job.image_budget)
   row = 0
   for rows in ranking.embedded_batches(fn, graphdef, states, keys, make, job.mesh, settings, "encode image tiles"):
     rows = rows[:len(keys) - row]  # the last batch's padding
