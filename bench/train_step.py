@@ -183,10 +183,8 @@ def cached_batch(trainer, state, batch: dict) -> tuple[dict, str]:
     raise SystemExit("train.cache_image_features needs a frozen vision tower: use train.trainable=heads_lm_head "
                      "or frozen_vision, or set it False")
 
-  def encode(state, images, lut):
-    backbone = trainer.model(state).backbone
-    pixels = decode_pixels(images, lut)
-    return backbone.image_features(pixels) if level == "connector" else backbone.vision_model(pixels, None)
+  def encode(state, images, lut):  # what the job's table holds (run.encode_features)
+    return run.features_fn(level)(trainer.model(state), {"pixels": decode_pixels(images, lut)})
 
   with jax.set_mesh(trainer.mesh):
     rows = np.asarray(jax.device_get(jax.jit(encode)(state, batch["images"], batch["pixel_lut"])))

@@ -34,7 +34,8 @@ import numpy as np
 # tower's cached features: the connector's output, or the vision tower's.
 IMAGE_FEATURES = "image_features"
 VISION_FEATURES = "vision_features"
-ROW_KEYS = ("images", IMAGE_FEATURES, VISION_FEATURES)
+TABLE_KEYS = (IMAGE_FEATURES, VISION_FEATURES)
+ROW_KEYS = ("images",) + TABLE_KEYS
 
 
 def rows_key(batch) -> str:
@@ -75,7 +76,7 @@ class FeatureTable:
   dtype: np.dtype
 
   def __post_init__(self):
-    if self.key not in (IMAGE_FEATURES, VISION_FEATURES):
+    if self.key not in TABLE_KEYS:
       raise ValueError(f"FeatureTable.key must be {IMAGE_FEATURES!r} or {VISION_FEATURES!r}, got {self.key!r}")
     self.dtype = np.dtype(self.dtype)
     self._rows = None

@@ -101,7 +101,7 @@ def pack_images(batch: dict[str, np.ndarray], slot_tiles: list[list[tuple[int, i
   rows, index = {}, np.zeros(valid.shape, np.int32)
   if features is not None:
     packed = np.zeros((budget,) + tuple(features.row_shape), features.dtype)
-    read = lambda item, tile: features.row(item, tile)
+    read = features.row
   else:
     size = store.spec.size
     packed = np.zeros((budget, 3, size, size), np.uint8)

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from pixrec_jax.data import features
 from pixrec_jax.data.catalog import EvalCase
 from pixrec_jax.data.examples import PromptBuilder
 from pixrec_jax.eval import bm25
@@ -97,7 +98,7 @@ def generate_for_cases(graphdef, states, builder: PromptBuilder, cases: Sequence
   for start in tqdm(range(0, len(padded), size), desc=what, unit="batch", disable=not settings.progress,
                     leave=False):
     batch = _stack([builder.user_example(c.history, settings.features) for c in padded[start:start + size]])
-    cached = {k: v for k, v in batch.items() if k in ("user_image_features", "user_vision_features")}
+    cached = {k: v for k, v in batch.items() if k in (f"user_{f}" for f in features.TABLE_KEYS)}
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
       beams = generate((graphdef, states), batch["user_ids"], batch["user_mask"], settings.generation, eos,
                        builder.pad_id, batch.get("user_images"), batch.get("user_image_valid"), cached=cached)

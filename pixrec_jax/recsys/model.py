@@ -118,14 +118,20 @@ class PixRec(nnx.Module):
       raise ValueError("uint8 images need their pixel_lut (data.images.pixel_lut) to become the tower's floats")
     return self.backbone.image_features(images)
 
+  def table_tokens(self, x: jax.Array, key: str) -> jax.Array:
+    """(..., T, D) language-model tokens of a frozen tower's table rows x (data.features) of kind `key`:
+    "image_features" as they are, "vision_features" through the connector (over any leading axes)."""
+    if key == features.IMAGE_FEATURES:
+      return x
+    out = self.backbone.connector(x.reshape((-1,) + x.shape[-2:]))
+    return out.reshape(x.shape[:-2] + out.shape[1:])
+
   def packed_rows(self, batch: dict) -> jax.Array:
     """(U, T, D): the language-model tokens of a packed batch's image rows: its pixels ("images") encoded,
-    or a frozen tower's cached features (data.features): "image_features" as they are, "vision_features"
-    through the connector."""
-    if features.IMAGE_FEATURES in batch:
-      return batch[features.IMAGE_FEATURES]
-    if features.VISION_FEATURES in batch:
-      return self.backbone.connector(batch[features.VISION_FEATURES])
+    or a frozen tower's cached features (table_tokens)."""
+    for key in features.TABLE_KEYS:
+      if key in batch:
+        return self.table_tokens(batch[key], key)
     return self.image_rows(batch["images"], batch.get("pixel_lut"))
 
   def _hidden(self, ids, mask, feats, valid, positions=None, flat=False):
@@ -143,14 +149,11 @@ class PixRec(nnx.Module):
 
   def cached_slot_features(self, batch: dict, prefix: str) -> jax.Array | None:
     """(B, P, T, D) language-model tokens of an evaluation batch's `prefix` ("item", "user") image slots read
-    from a frozen tower's feature table (data.features): `prefix`_image_features as they are,
-    `prefix`_vision_features through the connector; None where the batch carries pixels."""
-    if f"{prefix}_{features.IMAGE_FEATURES}" in batch:
-      return batch[f"{prefix}_{features.IMAGE_FEATURES}"]
-    if f"{prefix}_{features.VISION_FEATURES}" in batch:
-      x = batch[f"{prefix}_{features.VISION_FEATURES}"]
-      out = self.backbone.connector(x.reshape((-1,) + x.shape[2:]))
-      return out.reshape(x.shape[:2] + out.shape[1:])
+    from a frozen tower's feature table (data.features), in `prefix`_image_features or
+    `prefix`_vision_features (table_tokens); None where the batch carries pixels."""
+    for key in features.TABLE_KEYS:
+      if f"{prefix}_{key}" in batch:
+        return self.table_tokens(batch[f"{prefix}_{key}"], key)
     return None
 
   def user_embedding(self, ids, mask, user_mask, images=None, image_valid=None, feats=None) -> jax.Array:

@@ -303,7 +303,8 @@ def frozen_image_path(trainer: Trainer) -> str:
 FEATURES_DIR = "features"  # WORKDIR/features: train.cache_image_features' table
 
 
-def _features_fn(level: str):
+def features_fn(level: str):
+  """fn(model, {"pixels": (N, C, H, W)}) -> the rows a feature table of `level` (Job.feature_cache) holds."""
   return _tile_features if level == "connector" else _tile_vision_features
 
 
@@ -322,7 +323,7 @@ def feature_table(job: Job) -> features.FeatureTable:
   first, counts = features.catalog_tiles(job.builder.images, job.dataset.num_items)
   if not counts.any():
     raise ValueError(f"train.cache_image_features: no item of {job.dataset.path} has an image")
-  fn, size = _features_fn(job.feature_cache), job.builder.images.spec.size
+  fn, size = features_fn(job.feature_cache), job.builder.images.spec.size
   abstract = job.trainer.abstract_state
   shape = jax.eval_shape(lambda s, x: fn(nnx.merge(job.trainer.graphdef, *s), {"pixels": x}),
                          (abstract.params, abstract.frozen), jax.ShapeDtypeStruct((1, 3, size, size), jnp.float32))
@@ -348,11 +349,10 @@ def _fingerprint_path(table: features.FeatureTable) -> pathlib.Path:
   return pathlib.Path(table.path + ".json")
 
 
-def reusable_table(job: Job) -> features.FeatureTable | None:
-  """The job's feature table where WORKDIR/features holds a complete one written under the same fingerprint
-  (a resumed run, or a rerun of the same config: the frozen weights are the same), else None. Several
-  processes reuse only if every one can, as encoding is collective."""
-  table = feature_table(job)
+def reusable_table(job: Job, table: features.FeatureTable) -> bool:
+  """Whether WORKDIR/features holds the job's feature table (`feature_table(job)`) complete, written under
+  the same fingerprint (a resumed run, or a rerun of the same config: the frozen weights are the same).
+  Several processes reuse only if every one can, as encoding is collective."""
   try:
     ok = json.loads(_fingerprint_path(table).read_text())["fingerprint"] == _table_fingerprint(job)
     ok = ok and table.rows() is not None  # shape and dtype checked
@@ -360,17 +360,18 @@ def reusable_table(job: Job) -> features.FeatureTable | None:
     ok = False
   if jax.process_count() > 1:
     ok = bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
-  return table if ok else None
+  return ok
 
 
-def encode_features(job: Job, params, frozen) -> features.FeatureTable:
-  """feature_table(job), written: every catalogue image tile through the frozen part of the image path
-  (job.feature_cache, from the weights `frozen`), once; then its fingerprint beside it (reusable_table)."""
-  table = feature_table(job)
+def encode_features(job: Job, params, frozen, table: features.FeatureTable | None = None) -> features.FeatureTable:
+  """`table` (default feature_table(job)), written: every catalogue image tile through the frozen part of the
+  image path (job.feature_cache, from the weights `frozen`), once; then its fingerprint beside it
+  (reusable_table)."""
+  table = feature_table(job) if table is None else table
   _fingerprint_path(table).unlink(missing_ok=True)  # until the table is whole again
   store = job.builder.images
   keys = [(item, tile) for item in np.flatnonzero(table.counts) for tile in range(int(table.counts[item]))]
-  fn = _features_fn(job.feature_cache)
+  fn = features_fn(job.feature_cache)
   graphdef, states = job.trainer.graphdef, (params, frozen)
   out = table.create()
 
@@ -544,8 +545,8 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
   policy = checkpoint.nonfinite_policy(cfg)
   table, encode_seconds = None, None
   if job.feature_cache:
-    table = reusable_table(job)
-    if table is not None:
+    table = feature_table(job)
+    if reusable_table(job, table):
       if job.is_main:
         print(f"pixrec_jax: train.cache_image_features: reusing {table.path} ({table.num_rows} image tiles), "
               "written under this config, dataset and checkpoint", flush=True)
@@ -557,7 +558,7 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
                                             config=cfg.to_dict())
       else:
         params, frozen = state.params, state.frozen
-      table = encode_features(job, params, frozen)
+      encode_features(job, params, frozen, table)
       del params, frozen
       encode_seconds = round(time.perf_counter() - start, 2)
       if job.is_main:
