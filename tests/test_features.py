@@ -59,6 +59,8 @@ def test_catalog_tiles_count_each_items_grid(image_builder):
       assert counts[item] == rows * cols + 1 and first[item] == counts[:item].sum()
     else:
       assert counts[item] == 0 and first[item] == -1
+    # the table's rows are the slots an example of the item fills
+    assert image_builder.item_example(item)["item_image_valid"].sum() == counts[item]
   assert counts.sum() > 0
 
 

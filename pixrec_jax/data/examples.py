@@ -275,8 +275,7 @@ class PromptBuilder:
     valid = np.zeros((slots,), bool)
     used = 0
     for item in items:
-      rows, cols = self.images.grid(item)
-      n = rows * cols + 1
+      n = self.images.tile_count(item)
       if pixels:
         out[used:used + n] = self.images.get(item).pixels
       valid[used:used + n] = True

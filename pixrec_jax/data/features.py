@@ -49,11 +49,7 @@ def rows_key(batch) -> str:
 def catalog_tiles(store, num_items: int) -> tuple[np.ndarray, np.ndarray]:
   """(first, counts) int64 (num_items,): each item's first row in the table, -1 without an image, and its
   tile count (grid rows x cols + the global image; 0 without an image). Rows follow item order."""
-  counts = np.zeros(num_items, np.int64)
-  for item in range(num_items):
-    if store.has_image(item):
-      rows, cols = store.grid(item)
-      counts[item] = rows * cols + 1
+  counts = np.array([store.tile_count(item) for item in range(num_items)], np.int64)
   first = np.where(counts > 0, np.cumsum(counts) - counts, -1)
   return first, counts
 
@@ -84,6 +80,11 @@ class FeatureTable:
   @property
   def num_rows(self) -> int:
     return int(self.counts.sum())
+
+  @property
+  def row_nbytes(self) -> int:
+    """The bytes of one row (one tile's features)."""
+    return int(np.prod(self.row_shape)) * self.dtype.itemsize
 
   def create(self) -> np.ndarray:
     """The file, new, mapped for writing (the job's encoding pass fills it): (num_rows,) + row_shape."""

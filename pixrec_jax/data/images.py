@@ -379,6 +379,14 @@ class ImageStore:
       grid = (tiles.rows, tiles.cols)
     return grid
 
+  def tile_count(self, item_id: int) -> int:
+    """The image slots the item's image fills: its split tiles and the global image (0 without an image).
+    The one count behind the prompts' slots, the packed batches' tiles and the feature table's rows."""
+    if not self.has_image(item_id):
+      return 0
+    rows, cols = self.grid(item_id)
+    return rows * cols + 1
+
   def __getstate__(self):
     # The cache is per process; workers start empty.
     return {"paths": self.paths, "spec": self.spec, "cache_bytes": self.cache_bytes}

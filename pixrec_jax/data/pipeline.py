@@ -80,9 +80,7 @@ def _slot_tiles(builder: PromptBuilder, history: Sequence[int], target: int, dro
   shown = list(history)[-builder.layout.max_history:][dropped:] + [target]
   tiles = []
   for item in shown:
-    if builder.images.has_image(item):
-      rows, cols = builder.images.grid(item)
-      tiles += [(int(item), j) for j in range(rows * cols + 1)]
+    tiles += [(int(item), j) for j in range(builder.images.tile_count(item))]
   return tiles
 
 
@@ -315,7 +313,7 @@ def batch_nbytes(layout, batch_size: int, image_budget: int = 0, features: Featu
   if layout.text_only:
     images = 0
   elif features is not None:
-    images = image_budget * int(np.prod(features.row_shape)) * features.dtype.itemsize
+    images = image_budget * features.row_nbytes
   elif image_budget:
     images = image_budget * pixels
   else:

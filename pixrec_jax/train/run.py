@@ -563,7 +563,7 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
       encode_seconds = round(time.perf_counter() - start, 2)
       if job.is_main:
         print(f"pixrec_jax: train.cache_image_features: {table.num_rows} image tiles encoded in {encode_seconds} s "
-              f"into {table.path} ({table.num_rows * np.prod(table.row_shape) * table.dtype.itemsize / 2**20:.1f} "
+              f"into {table.path} ({table.num_rows * table.row_nbytes / 2**20:.1f} "
               "MiB)", flush=True)
   job.features_table = table  # the run's evaluation reads it too (eval_settings)
   train_iter = _train_iterator(job, table)
