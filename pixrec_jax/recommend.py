@@ -55,8 +55,10 @@ class Index:
 
 def _settings(trained: run.Trained, progress: bool = True) -> ranking.EvalSettings:
   cfg = trained.job.cfg
+  # With the table its training left (train.cache_image_features; run.saved_feature_table) the towers read the
+  # frozen tower's features from it, not pixels: the same embeddings.
   return ranking.EvalSettings(batch_size=cfg.eval.batch_size, mask_history=cfg.eval.mask_history,
-                              num_workers=cfg.data.num_workers, progress=progress)
+                              num_workers=cfg.data.num_workers, progress=progress, features=trained.job.features_table)
 
 
 def _fingerprint(trained: run.Trained, workdir: pathlib.Path) -> str:

@@ -216,3 +216,27 @@ def test_a_rerun_reuses_the_table_and_another_config_encodes_it_again(tmp_path, 
   pathlib.Path(table.path + ".json").unlink()
   _, seconds, _ = train("--config.seed=1")
   assert seconds > 0
+
+
+def test_a_reopened_run_reads_the_table_its_training_left(tmp_path):
+  """recommend's model, reopened from the run's checkpoint (run.restore_trained), reads the table training wrote
+  when its fingerprint matches: the catalogue index is the pixels' (and a blank table changes it, so the table
+  is what it reads). Without the fingerprint (a half-written table) it reads pixels."""
+  from pixrec_jax import recommend  # pylint: disable=import-outside-toplevel
+  run.train_and_evaluate(_config(), tmp_path)  # the main job: trains, checkpoints
+  trained = run.restore_trained(tmp_path, "latest")
+  table = trained.job.features_table
+  assert table is not None and table.key == features.IMAGE_FEATURES
+  assert table.path == str(tmp_path / run.FEATURES_DIR / "image_features.process0.npy")
+  settings = recommend._settings(trained)  # pylint: disable=protected-access
+  assert settings.features is table
+  got = recommend.build_index(trained, tmp_path).embeddings
+  trained.job.features_table = None
+  want = recommend.build_index(trained, tmp_path).embeddings
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  blank = dataclasses.replace(table, path=str(tmp_path / "blank.npy"))
+  blank.create().flush()
+  trained.job.features_table = blank
+  assert np.abs(recommend.build_index(trained, tmp_path).embeddings - want).max() > 1e-4
+  pathlib.Path(table.path + ".json").unlink()
+  assert run.restore_trained(tmp_path, "latest").job.features_table is None

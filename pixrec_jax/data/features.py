@@ -14,7 +14,8 @@ through the (training) connector. The table is a .npy file each data worker maps
 cache holds one copy per host however many workers read it. The evaluation of that run (the catalogue's and
 the users' dense embeddings, pixrec_jax.eval.ranking, and the generative protocol's prompts) reads the table
 too, in `item_image_features` / `user_image_features` slots (or `..._vision_features`) in place of
-`item_images` / `user_images`.
+`item_images` / `user_images`; so does a model reopened from the run's checkpoint
+(`pixrec_jax.train.run.saved_feature_table`: recommend's catalogue index and users).
 Beside the table lies its fingerprint (pixrec_jax.train.run.reusable_table): a resumed run reads the table
 it finds rather than encoding it again.
 

@@ -284,6 +284,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, training:
       what = "vision tower and connector" if feature_cache == "connector" else "vision tower"
       print(f"pixrec_jax: train.cache_image_features: the frozen {what} encode each catalogue image tile once, "
             f"before training; batches carry their tiles' features in {image_budget} rows a step", flush=True)
+  elif not training and spec and cfg.train.get("cache_image_features", False):
+    feature_cache = frozen_image_path(trainer)  # a reopened run reads the table its training left (saved_feature_table)
   return Job(cfg, workdir, dataset, splits, builder, mesh, trainer, steps, text_only, pack_rows, pack_items,
              image_budget, length_buckets, feature_cache)
 
@@ -361,6 +363,16 @@ def reusable_table(job: Job, table: features.FeatureTable) -> bool:
   if jax.process_count() > 1:
     ok = bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
   return ok
+
+
+def saved_feature_table(job: Job) -> features.FeatureTable | None:
+  """The table a run's training left in WORKDIR/features (train.cache_image_features), for a model reopened from
+  that run (`restore_trained`: recommend's catalogue and users): the table when it is whole and was written
+  under this job's fingerprint, else None, and the towers read pixels (the same embeddings, slower)."""
+  if not job.feature_cache:
+    return None
+  table = feature_table(job)
+  return table if reusable_table(job, table) else None
 
 
 def encode_features(job: Job, params, frozen, table: features.FeatureTable | None = None) -> features.FeatureTable:
@@ -810,4 +822,5 @@ def restore_trained(workdir: str | pathlib.Path, step: str | int = "best") -> Tr
   job = setup(cfg, workdir, training=False)
   abstract = job.trainer.abstract_state
   params, frozen = ckpt.restore_model(step, abstract.params, abstract.frozen, config=cfg.to_dict())
+  job.features_table = saved_feature_table(job)  # the frozen tower's features as training encoded them, if kept
   return Trained(job, params, frozen, step, why)
