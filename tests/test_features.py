@@ -5,6 +5,7 @@ import dataclasses
 import json
 import pathlib
 import pickle
+import types
 
 import jax
 import ml_dtypes
@@ -48,6 +49,21 @@ def test_the_table_maps_rows_by_item_and_tile_and_crosses_processes(tmp_path):
     _table(tmp_path, [0, -1, 2], [2, 0, 3], row_shape=(2, 4), dtype=ml_dtypes.bfloat16).rows()
   with pytest.raises(ValueError, match="holds its image rows in one of"):
     features.rows_key({"images": 0, "image_features": 0})
+
+
+def test_a_table_the_disk_cannot_hold_is_refused_before_encoding(tmp_path, monkeypatch):
+  """A mapped write to a full disk kills the process with SIGBUS mid-encoding; create() checks the room first,
+  counting the old table it replaces as free."""
+  table = _table(tmp_path, [0, -1, 2], [2, 0, 3])  # 5 rows of 2 x 3 float32: 120 bytes
+  monkeypatch.setattr(features.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=119))
+  with pytest.raises(OSError, match=r"feature table of 5 image tiles \(\(2, 3\) float32 a tile\) needs 0.00 GiB in "
+                                    r".* 0.00 GiB free: .* train.cache_image_features=False"):
+    table.create()
+  assert not pathlib.Path(table.path).exists()
+  monkeypatch.setattr(features.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=120))
+  table.create().flush()  # exactly enough
+  monkeypatch.setattr(features.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=0))
+  table.create().flush()  # the file it replaces frees the room
 
 
 def test_catalog_tiles_count_each_items_grid(image_builder):

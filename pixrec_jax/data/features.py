@@ -26,7 +26,9 @@ the loss and gradients are the uncached step's up to rounding (tests/test_featur
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
+import shutil
 
 import ml_dtypes
 import numpy as np
@@ -88,8 +90,19 @@ class FeatureTable:
     return int(np.prod(self.row_shape)) * self.dtype.itemsize
 
   def create(self) -> np.ndarray:
-    """The file, new, mapped for writing (the job's encoding pass fills it): (num_rows,) + row_shape."""
-    pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+    """The file, new, mapped for writing (the job's encoding pass fills it): (num_rows,) + row_shape.
+    Refused up front where its folder's disk has no room for it: a mapped write to a full disk would kill the
+    process with SIGBUS halfway through the encoding."""
+    folder = pathlib.Path(self.path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    need = self.num_rows * self.row_nbytes
+    old = os.path.getsize(self.path) if os.path.exists(self.path) else 0  # replaced by the new file
+    free = shutil.disk_usage(folder).free + old
+    if need > free:
+      raise OSError(f"train.cache_image_features: the feature table of {self.num_rows} image tiles ({self.row_shape} "
+                    f"{self.dtype} a tile) needs {need / 2**30:.2f} GiB in {folder}, which has {free / 2**30:.2f} GiB "
+                    "free: free some space, point the workdir at a larger disk, cache the vision tower's smaller "
+                    "output (train.trainable=frozen_vision), or set train.cache_image_features=False")
     self._rows = None
     out = np.lib.format.open_memmap(self.path, mode="w+", dtype=_storage(self.dtype),
                                     shape=(self.num_rows,) + tuple(self.row_shape))
