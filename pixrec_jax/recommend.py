@@ -224,8 +224,10 @@ def _recommend_main(argv) -> int:
   else:
     users = _read_histories(pathlib.Path(args.histories), num_items)
   index, cached = cached_index(trained, workdir)
+  table = trained.job.features_table
   print(f"checkpoint step {trained.step} ({trained.why}); catalogue of {num_items} items "
-        f"{'from' if cached else 'embedded into'} {workdir / INDEX_DIR / f'step_{trained.step}'}", file=sys.stderr)
+        f"{'from' if cached else 'embedded into'} {workdir / INDEX_DIR / f'step_{trained.step}'}"
+        + (f"; image features from {table.path}" if table is not None else ""), file=sys.stderr)
   mask_history = trained.job.cfg.eval.mask_history if args.mask_history is None else args.mask_history
   results = recommend(trained, index, [h for _, h in users], args.k, mask_history)
   for (user, history), recs in zip(users, results):

@@ -234,7 +234,7 @@ def test_a_rerun_reuses_the_table_and_another_config_encodes_it_again(tmp_path, 
   assert seconds > 0
 
 
-def test_a_reopened_run_reads_the_table_its_training_left(tmp_path):
+def test_a_reopened_run_reads_the_table_its_training_left(tmp_path, capsys):
   """recommend's model, reopened from the run's checkpoint (run.restore_trained), reads the table training wrote
   when its fingerprint matches: the catalogue index is the pixels' (and a blank table changes it, so the table
   is what it reads). Without the fingerprint (a half-written table) it reads pixels."""
@@ -254,5 +254,8 @@ def test_a_reopened_run_reads_the_table_its_training_left(tmp_path):
   blank.create().flush()
   trained.job.features_table = blank
   assert np.abs(recommend.build_index(trained, tmp_path).embeddings - want).max() > 1e-4
+  capsys.readouterr()
+  assert recommend.main(["--workdir", str(tmp_path), "--step", "latest", "--items", "0,1", "--k", "3"]) == 0
+  assert f"image features from {table.path}" in capsys.readouterr().err  # the CLI says what it read
   pathlib.Path(table.path + ".json").unlink()
   assert run.restore_trained(tmp_path, "latest").job.features_table is None

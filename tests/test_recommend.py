@@ -50,7 +50,7 @@ def test_recommend_lists_the_items_evaluation_ranks_first(workdir, tmp_path, cap
   assert recommend.main(["--workdir", str(workdir), "--histories", str(histories), "--k", str(K), "--json"]) == 0
   captured = capsys.readouterr()
   printed = [json.loads(line) for line in captured.out.splitlines()]
-  assert "embedded into" in captured.err
+  assert "embedded into" in captured.err and "image features from" not in captured.err  # pixels: no table
   expected, items = _evaluation_top_k(trained, cases, K)
   titles = [item.fields["title"] for item in trained.job.dataset.items]
   for case, record, want in zip(cases, printed, expected):
