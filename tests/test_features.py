@@ -234,13 +234,16 @@ def test_a_rerun_reuses_the_table_and_another_config_encodes_it_again(tmp_path, 
   assert seconds > 0
 
 
-def test_a_reopened_run_reads_the_table_its_training_left(tmp_path, capsys):
+def test_a_reopened_run_reads_the_table_its_training_left(tmp_path, capsys, monkeypatch):
   """recommend's model, reopened from the run's checkpoint (run.restore_trained), reads the table training wrote
-  when its fingerprint matches: the catalogue index is the pixels' (and a blank table changes it, so the table
-  is what it reads). Without the fingerprint (a half-written table) it reads pixels."""
+  when its fingerprint matches, its tile counts from the fingerprint's file (no image read to find it): the
+  catalogue index is the pixels' (and a blank table changes it, so the table is what it reads). Without the
+  fingerprint (a half-written table) it reads pixels."""
   from pixrec_jax import recommend  # pylint: disable=import-outside-toplevel
   run.train_and_evaluate(_config(), tmp_path)  # the main job: trains, checkpoints
-  trained = run.restore_trained(tmp_path, "latest")
+  with monkeypatch.context() as m:
+    m.setattr(features, "catalog_tiles", lambda *a: pytest.fail("the saved table's counts were derived again"))
+    trained = run.restore_trained(tmp_path, "latest")
   table = trained.job.features_table
   assert table is not None and table.key == features.IMAGE_FEATURES
   assert table.path == str(tmp_path / run.FEATURES_DIR / "image_features.process0.npy")

@@ -16,8 +16,8 @@ the users' dense embeddings, pixrec_jax.eval.ranking, and the generative protoco
 too, in `item_image_features` / `user_image_features` slots (or `..._vision_features`) in place of
 `item_images` / `user_images`; so does a model reopened from the run's checkpoint
 (`pixrec_jax.train.run.saved_feature_table`: recommend's catalogue index and users).
-Beside the table lies its fingerprint (pixrec_jax.train.run.reusable_table): a resumed run reads the table
-it finds rather than encoding it again.
+Beside the table lie its fingerprint and tile counts (pixrec_jax.train.run.saved_feature_table): a resumed
+run reads the table it finds rather than encoding it again.
 
 Only the frozen part is skipped: every trained parameter sees the same inputs as without the cache, so
 the loss and gradients are the uncached step's up to rounding (tests/test_features.py).
@@ -53,8 +53,12 @@ def catalog_tiles(store, num_items: int) -> tuple[np.ndarray, np.ndarray]:
   """(first, counts) int64 (num_items,): each item's first row in the table, -1 without an image, and its
   tile count (grid rows x cols + the global image; 0 without an image). Rows follow item order."""
   counts = np.array([store.tile_count(item) for item in range(num_items)], np.int64)
-  first = np.where(counts > 0, np.cumsum(counts) - counts, -1)
-  return first, counts
+  return first_rows(counts), counts
+
+
+def first_rows(counts: np.ndarray) -> np.ndarray:
+  """Each item's first row in the table from the items' tile counts (rows in item order); -1 without tiles."""
+  return np.where(counts > 0, np.cumsum(counts) - counts, -1)
 
 
 def _storage(dtype: np.dtype) -> np.dtype:

@@ -318,20 +318,22 @@ def _tile_vision_features(model: PixRec, batch: dict) -> jax.Array:
   return model.backbone.vision_model(batch["pixels"], None)
 
 
-def feature_table(job: Job) -> features.FeatureTable:
+def feature_table(job: Job, counts: np.ndarray | None = None) -> features.FeatureTable:
   """train.cache_image_features' table as the job lays it out (data.features), not yet written: rows in item
   order, each item's tiles in the order of its image slots, in the step's compute dtype; in WORKDIR/features,
-  one file a process."""
-  first, counts = features.catalog_tiles(job.builder.images, job.dataset.num_items)
+  one file a process. counts: each item's tile count, as a saved table records it (saved_feature_table);
+  default: from the catalogue's images (features.catalog_tiles, which reads every image)."""
+  if counts is None:
+    _, counts = features.catalog_tiles(job.builder.images, job.dataset.num_items)
+  first = features.first_rows(counts)
   if not counts.any():
     raise ValueError(f"train.cache_image_features: no item of {job.dataset.path} has an image")
   fn, size = features_fn(job.feature_cache), job.builder.images.spec.size
   abstract = job.trainer.abstract_state
   shape = jax.eval_shape(lambda s, x: fn(nnx.merge(job.trainer.graphdef, *s), {"pixels": x}),
                          (abstract.params, abstract.frozen), jax.ShapeDtypeStruct((1, 3, size, size), jnp.float32))
-  key = features.IMAGE_FEATURES if job.feature_cache == "connector" else features.VISION_FEATURES
-  return features.FeatureTable(str(job.workdir / FEATURES_DIR / f"{key}.process{jax.process_index()}.npy"), key,
-                               first, counts, tuple(shape.shape[1:]), np.dtype(shape.dtype))
+  return features.FeatureTable(str(_table_path(job)), _table_key(job), first, counts, tuple(shape.shape[1:]),
+                               np.dtype(shape.dtype))
 
 
 def _table_fingerprint(job: Job) -> str:
@@ -347,40 +349,48 @@ def _table_fingerprint(job: Job) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _fingerprint_path(table: features.FeatureTable) -> pathlib.Path:
-  return pathlib.Path(table.path + ".json")
+def _fingerprint_path(path: str | pathlib.Path) -> pathlib.Path:
+  """Beside the table at `path`: its fingerprint and tile counts, written once the table is whole."""
+  return pathlib.Path(str(path) + ".json")
 
 
-def reusable_table(job: Job, table: features.FeatureTable) -> bool:
-  """Whether WORKDIR/features holds the job's feature table (`feature_table(job)`) complete, written under
-  the same fingerprint (a resumed run, or a rerun of the same config: the frozen weights are the same).
-  Several processes reuse only if every one can, as encoding is collective."""
+def _table_key(job: Job) -> str:
+  """The batch field the job's table rows go to: the connector's output, or the tower's."""
+  return features.IMAGE_FEATURES if job.feature_cache == "connector" else features.VISION_FEATURES
+
+
+def _table_path(job: Job) -> pathlib.Path:
+  return job.workdir / FEATURES_DIR / f"{_table_key(job)}.process{jax.process_index()}.npy"
+
+
+def saved_feature_table(job: Job) -> features.FeatureTable | None:
+  """The job's feature table as WORKDIR/features holds it, when it is whole and was written under this job's
+  fingerprint (a resumed run, a rerun of the same config, or a model reopened from the run: `restore_trained`,
+  recommend's catalogue and users; the frozen weights are the same); else None. Its tile counts come from the
+  fingerprint's file, so finding it reads no image. Several processes take it only if every one can, as
+  encoding is collective."""
+  if not job.feature_cache:
+    return None
+  table = None
   try:
-    ok = json.loads(_fingerprint_path(table).read_text())["fingerprint"] == _table_fingerprint(job)
+    saved = json.loads(_fingerprint_path(_table_path(job)).read_text())
+    counts = np.asarray(saved["counts"], np.int64)
+    ok = saved["fingerprint"] == _table_fingerprint(job) and counts.shape == (job.dataset.num_items,)
+    table = feature_table(job, counts) if ok else None
     ok = ok and table.rows() is not None  # shape and dtype checked
   except (OSError, ValueError, KeyError, TypeError):
     ok = False
   if jax.process_count() > 1:
     ok = bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
-  return ok
+  return table if ok else None
 
 
-def saved_feature_table(job: Job) -> features.FeatureTable | None:
-  """The table a run's training left in WORKDIR/features (train.cache_image_features), for a model reopened from
-  that run (`restore_trained`: recommend's catalogue and users): the table when it is whole and was written
-  under this job's fingerprint, else None, and the towers read pixels (the same embeddings, slower)."""
-  if not job.feature_cache:
-    return None
+def encode_features(job: Job, params, frozen) -> features.FeatureTable:
+  """feature_table(job), written: every catalogue image tile through the frozen part of the image path
+  (job.feature_cache, from the weights `frozen`), once; then its fingerprint and tile counts beside it
+  (saved_feature_table)."""
   table = feature_table(job)
-  return table if reusable_table(job, table) else None
-
-
-def encode_features(job: Job, params, frozen, table: features.FeatureTable | None = None) -> features.FeatureTable:
-  """`table` (default feature_table(job)), written: every catalogue image tile through the frozen part of the
-  image path (job.feature_cache, from the weights `frozen`), once; then its fingerprint beside it
-  (reusable_table)."""
-  table = feature_table(job) if table is None else table
-  _fingerprint_path(table).unlink(missing_ok=True)  # until the table is whole again
+  _fingerprint_path(table.path).unlink(missing_ok=True)  # until the table is whole again
   store = job.builder.images
   keys = [(item, tile) for item in np.flatnonzero(table.counts) for tile in range(int(table.counts[item]))]
   fn = features_fn(job.feature_cache)
@@ -407,7 +417,8 @@ def encode_features(job: Job, params, frozen, table: features.FeatureTable | Non
     row += len(rows)
   out.flush()
   del out
-  _fingerprint_path(table).write_text(json.dumps({"fingerprint": _table_fingerprint(job)}))
+  _fingerprint_path(table.path).write_text(json.dumps({"fingerprint": _table_fingerprint(job),
+                                                       "counts": table.counts.tolist()}))
   return table
 
 
@@ -557,8 +568,8 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
   policy = checkpoint.nonfinite_policy(cfg)
   table, encode_seconds = None, None
   if job.feature_cache:
-    table = feature_table(job)
-    if reusable_table(job, table):
+    table = saved_feature_table(job)
+    if table is not None:
       if job.is_main:
         print(f"pixrec_jax: train.cache_image_features: reusing {table.path} ({table.num_rows} image tiles), "
               "written under this config, dataset and checkpoint", flush=True)
@@ -570,7 +581,7 @@ def train(job: Job, state, ckpt: checkpoint.Checkpointer | None = None) -> tuple
                                             config=cfg.to_dict())
       else:
         params, frozen = state.params, state.frozen
-      encode_features(job, params, frozen, table)
+      table = encode_features(job, params, frozen)
       del params, frozen
       encode_seconds = round(time.perf_counter() - start, 2)
       if job.is_main:
