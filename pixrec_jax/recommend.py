@@ -54,11 +54,9 @@ class Index:
 
 
 def _settings(trained: run.Trained, progress: bool = True) -> ranking.EvalSettings:
-  cfg = trained.job.cfg
-  # With the table its training left (train.cache_image_features; run.saved_feature_table) the towers read the
-  # frozen tower's features from it, not pixels: the same embeddings.
-  return ranking.EvalSettings(batch_size=cfg.eval.batch_size, mask_history=cfg.eval.mask_history,
-                              num_workers=cfg.data.num_workers, progress=progress, features=trained.job.features_table)
+  """The run's evaluation settings (with the feature table its training left, where restore_trained found it:
+  the towers then read the frozen tower's features, not pixels, to the same embeddings)."""
+  return dataclasses.replace(run.eval_settings(trained.job), progress=progress)
 
 
 def _fingerprint(trained: run.Trained, workdir: pathlib.Path) -> str:
